@@ -1,0 +1,3 @@
+from tdproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Command line: ``tdproxy run``, ``tdproxy check``, ``tdproxy demo``, ``tdproxy demo-backend``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from tdproxy import __version__
+from tdproxy.config.loader import ConfigError, load_config, resolve_path
+
+EXIT_INVALID_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdproxy", description="Traffic Distributor: a weighted HTTP reverse proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"tdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    config_help = "config file (default: $TDPROXY_CONFIG, else config/tdproxy.yaml)"
+    run = commands.add_parser("run", help="run the distributor")
+    run.add_argument("--config", "-c", help=config_help)
+    check = commands.add_parser("check", help="validate a config file and exit")
+    check.add_argument("--config", "-c", help=config_help)
+    demo = commands.add_parser("demo", help="two demo environments behind the distributor")
+    demo.add_argument("--port", type=int, default=8080, help="entrypoint port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9901, help="admin port (default 9901)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    backend = commands.add_parser("demo-backend", help="one demo environment on its own")
+    backend.add_argument("--name", default="blue")
+    backend.add_argument("--host", default="0.0.0.0")
+    backend.add_argument("--port", type=int, default=8081)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _check(resolve_path(args.config))
+    if args.command == "run":
+        return _run(resolve_path(args.config))
+    from tdproxy import demo
+
+    if args.command == "demo":
+        return demo.run_demo(args.host, args.port, args.admin_port)
+    return demo.run_backend(args.name, args.host, args.port)
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.describe(), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    names = ", ".join(f"{b.name} ({b.weight})" for b in config.backends)
+    print(f"{path}: valid - {config.routing.method} over {names}")
+    return 0
+
+
+def _run(path: str) -> int:
+    from tdproxy.app import App, install_event_loop_policy, setup_logging
+
+    setup_logging()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.describe(), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    install_event_loop_policy()
+    try:
+        asyncio.run(App(config, path).serve())
+    except OSError as exc:
+        print(f"tdproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,112 @@
+"""Read the YAML file into a :class:`Config`, or explain every problem with its key path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tdproxy.config.model import Config
+
+DEFAULT_PATH = "config/tdproxy.yaml"
+ENV_VAR = "TDPROXY_CONFIG"
+
+
+class ConfigError(Exception):
+    """The file could not be turned into a Config; ``errors`` holds one line per problem."""
+
+    def __init__(self, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        lines = [f"{self.path}: invalid configuration ({len(self.errors)} error(s))"]
+        lines.extend(f"  {error}" for error in self.errors)
+        return "\n".join(lines)
+
+
+def resolve_path(path: str | None) -> str:
+    """The config path the CLI uses: the flag, else ``$TDPROXY_CONFIG``, else the default."""
+    return path or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """``('backends', 1, 'weight')`` -> ``backends[1].weight``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text or "(top level)"
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "is required",
+}
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "too_short" and error["loc"] == ("backends",):
+        return "needs at least one backend"
+    return str(error["msg"])
+
+
+def _is_echo(error: Any) -> bool:
+    # pydantic reports a list whose items failed as "too short" too; the item errors say it all.
+    return bool(error["type"] == "too_short" and error.get("input"))
+
+
+def parse_config(data: object, path: str = "<config>") -> Config:
+    """Validate already-parsed YAML data."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["(top level): must be a mapping of keys to values"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = [f"{key_path(e['loc'])}: {_message(e)}" for e in exc.errors() if not _is_echo(e)]
+        raise ConfigError(path, errors) from None
+
+
+def read_config_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc}"]) from None
+
+
+def parse_config_text(text: str, path: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, [f"(yaml): not valid YAML{where}: {problem}"]) from None
+    return parse_config(data, path)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the file at ``path``; raise :class:`ConfigError` on any problem."""
+    return parse_config_text(read_config_text(path), path)

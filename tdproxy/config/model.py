@@ -1,0 +1,230 @@
+"""The configuration as the YAML file states it: strict, frozen pydantic models.
+
+Every default lives here and only here. Unknown keys are errors (``extra="forbid"``), so a typo
+never silently falls back to a default. These objects are *configured* state; what the proxy
+learns at run time (health, counters) lives in :mod:`tdproxy.routing.state`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tdproxy.config.durations import Duration
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*(?:-\s*(\d{3}))?\s*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EntrypointTLS(_Model):
+    certificate: str
+    key: str
+
+
+class Entrypoint(_Model):
+    address: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    tls: EntrypointTLS | None = None
+    redirect_http_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+
+class Sticky(_Model):
+    cookie: Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] = "TDSESSION"
+    max_age: Duration | None = None
+    secret: str | None = None
+
+
+class Routing(_Model):
+    method: Literal["round_robin", "sticky", "failover"] = "round_robin"
+    sticky: Sticky = Sticky()
+    override_header: Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] | None = None
+    override_cookie: Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] | None = None
+    when_all_down: Literal["fail_open", "reject"] = "fail_open"
+
+
+class Backend(_Model):
+    name: str
+    url: str
+    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+    backup: bool = False
+    host_header: str = "preserve"
+    tls_verify: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "must be 1-63 characters of letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError(f"{value!r} has no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r} must not have a path, query or fragment")
+        if parts.username or parts.password:
+            raise ValueError(f"{value!r} must not carry credentials")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} has an invalid port") from exc
+        return value
+
+    @field_validator("host_header")
+    @classmethod
+    def _check_host_header(cls, value: str) -> str:
+        if not value or any(c in value for c in " \t\r\n/\\@"):
+            raise ValueError("must be 'preserve', 'backend' or a host name such as example.com")
+        return value
+
+    # Derived views of the url, computed on demand (the routing snapshot caches what it needs).
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def authority(self) -> str:
+        """The url's ``host[:port]`` exactly as written (what ``host_header: backend`` sends)."""
+        return urlsplit(self.url).netloc
+
+
+def _parse_status(value: object) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise ValueError("must be a status code or a range such as '200-399'")
+    if isinstance(value, int):
+        low = high = value
+    elif isinstance(value, str) and (match := _STATUS_RANGE.match(value)):
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+    else:
+        raise ValueError(f"{value!r} must be a status code or a range such as '200-399'")
+    if not (100 <= low <= high <= 599):
+        raise ValueError(f"{value!r} must be a status code or range within 100-599")
+    return (low, high)
+
+
+class PassiveHealth(_Model):
+    max_failures: Annotated[int, Field(ge=0)] = 3
+
+
+class HealthCheck(_Model):
+    enabled: bool = True
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/"
+    interval: Duration = 3.0
+    timeout: Duration = 1.0
+    fall: Annotated[int, Field(ge=1)] = 3
+    rise: Annotated[int, Field(ge=1)] = 3
+    expect_status: tuple[tuple[int, int], ...] = ((200, 200),)
+    passive: PassiveHealth = PassiveHealth()
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in " \t\r\n"):
+            raise ValueError("must start with '/' and contain no whitespace")
+        return value
+
+    @field_validator("expect_status", mode="before")
+    @classmethod
+    def _check_expect(cls, value: object) -> tuple[tuple[int, int], ...]:
+        items = value if isinstance(value, list | tuple) else [value]
+        if not items:
+            raise ValueError("needs at least one status code")
+        return tuple(_parse_status(item) for item in items)
+
+    @field_validator("interval")
+    @classmethod
+    def _check_interval(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+    def accepts(self, status: int) -> bool:
+        return any(low <= status <= high for low, high in self.expect_status)
+
+
+class Timeouts(_Model):
+    connect: Duration = 10.0
+    response_header: Duration = 60.0
+    client_header: Duration = 15.0
+    client_body: Duration = 60.0
+    idle: Duration = 75.0
+    shutdown_grace: Duration = 30.0
+
+
+class Limits(_Model):
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32768
+    max_headers: Annotated[int, Field(ge=1)] = 100
+    max_url_bytes: Annotated[int, Field(ge=16)] = 8192
+    max_body_bytes: Annotated[int, Field(ge=0)] | None = None
+    max_connections: Annotated[int, Field(ge=1)] = 10000
+
+
+class Admin(_Model):
+    address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9901
+    token: str | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Admin:
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("set either token or token_env, not both")
+        return self
+
+
+class AccessLog(_Model):
+    enabled: bool = True
+    format: Literal["json", "combined"] = "json"
+
+
+class Config(_Model):
+    entrypoint: Entrypoint = Entrypoint()
+    routing: Routing = Routing()
+    backends: tuple[Backend, ...] = Field(min_length=1)
+    health_check: HealthCheck = HealthCheck()
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    admin: Admin = Admin()
+    access_log: AccessLog = AccessLog()
+
+    @model_validator(mode="after")
+    def _check_backends(self) -> Config:
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.name in seen:
+                raise ValueError(f"backend name {backend.name!r} is used more than once")
+            seen.add(backend.name)
+        if self.routing.method != "failover" and not any(b.weight > 0 for b in self.backends):
+            raise ValueError("at least one backend needs a weight above 0")
+        if all(b.backup for b in self.backends):
+            raise ValueError("at least one backend must not be a backup")
+        return self
+
+    def backend(self, name: str) -> Backend | None:
+        return next((b for b in self.backends if b.name == name), None)

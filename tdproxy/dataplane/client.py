@@ -1,0 +1,703 @@
+"""The client side of the hot path: one accepted connection, parsed with httptools.
+
+Theory of operation
+-------------------
+Requests on a connection are answered strictly in order. httptools parses as much as each read
+holds, so pipelined requests may be parsed while an earlier one is still being answered: a parsed
+request whose turn has not come waits in ``_queue`` with its (small, bounded) body buffered, and
+reading pauses once the queue is long. The request at the head, ``_active``, owns at most one
+:class:`UpstreamConnection` at a time.
+
+Flow control is explicit: a full upstream write buffer pauses reading from the client, a full
+client write buffer pauses reading from the upstream, and a request body that arrives before the
+upstream connection is ready pauses reading past a small buffer. Several reasons can hold reading
+paused at once (``_pause_bits``); reading resumes when the last one clears.
+
+Timeouts are deadlines (``deadline``, on the coarse clock) that the server's sweeper checks a few
+times a second, so the per-request cost of a timeout is one float store, not a timer handle.
+
+Invariants: a response is never presented as complete unless it is (a broken upstream response
+after bytes have reached the client aborts the client connection); an upstream connection goes
+back to the pool only after a complete exchange in which the whole request was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from typing import cast
+
+import httptools
+
+from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.exchange import (
+    BODY_CHUNKED,
+    BODY_NONE,
+    RESP_CHUNKED,
+    RESP_CLOSE,
+    RESP_NONE,
+    Exchange,
+)
+from tdproxy.dataplane.http import (
+    CRLF,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    error_response,
+    status_line,
+)
+from tdproxy.dataplane.upstream import UpstreamConnection
+from tdproxy.routing.table import Target
+
+log = logging.getLogger("tdproxy.dataplane")
+
+INF = math.inf
+PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
+PAUSE_QUEUE = 4  # too many pipelined requests are waiting their turn
+BODY_BUFFER_LIMIT = 256 * 1024
+PIPELINE_LIMIT = 16
+REPLAY_LIMIT = 64 * 1024
+
+DL_NONE, DL_IDLE, DL_HEADER, DL_BODY = 0, 1, 2, 3
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_active",
+        "_batch",
+        "_closed",
+        "_closing",
+        "_deadline_kind",
+        "_head_bytes",
+        "_parser",
+        "_parsing",
+        "_pause_bits",
+        "_queue",
+        "_tunnel",
+        "_write_paused",
+        "ctx",
+        "deadline",
+        "peer",
+        "transport",
+    )
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.peer = b"-"
+        self.deadline = INF
+        self._deadline_kind = DL_NONE
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: Exchange | None = None
+        self._active: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._tunnel: UpstreamConnection | None = None
+        self._batch: list[bytes] | None = None
+        self._head_bytes = 0
+        self._pause_bits = 0
+        self._write_paused = False
+        self._closing = False
+        self._closed = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        if len(ctx.connections) >= ctx.max_connections or ctx.shutting_down:
+            self.transport.abort()
+            self._closed = True
+            return
+        ctx.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0]).encode()
+        self._set_deadline(DL_IDLE, ctx.settings.idle)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        if self._closing and self._parsing is None and self._active is None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Reject):
+                self.reject(exc.__context__.code)
+            else:
+                log.exception("internal error while handling a request from %s", self.peer)
+                self.reject(500 if self._active is None else 502)
+            return
+        except httptools.HttpParserError:
+            self.reject(400)
+            return
+        if self._parsing is not None and not self._parsing.head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.ctx.settings.max_head_bytes:
+                self.reject(431)
+
+    def eof_received(self) -> bool | None:
+        # The client finished sending. Let an answer in progress complete (half-close).
+        if self._active is None and self._parsing is None:
+            return None
+        if self._parsing is not None:
+            self._closing = True  # a request cut short can never complete
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.deadline = INF
+        self.ctx.connections.discard(self)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            self._tunnel = None
+            tunnel.close()
+        active = self._active
+        if active is not None:
+            up = active.upstream
+            if up is not None:
+                active.upstream = None
+                if active.response_done:
+                    up.release(self.ctx.clock.now)
+                else:
+                    up.abort()
+            self._finish(active, 499 if not active.head_sent else active.status, keep=False)
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        up = self._upstream_for_io()
+        if up is not None:
+            up.set_reading(False)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        up = self._upstream_for_io()
+        if up is not None:
+            up.set_reading(True)
+
+    def _upstream_for_io(self) -> UpstreamConnection | None:
+        if self._tunnel is not None:
+            return self._tunnel
+        active = self._active
+        return active.upstream if active is not None else None
+
+    # -- httptools callbacks (request side) -----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = Exchange(self.ctx.clock.now)
+        self._head_bytes = 0
+        if self._active is None:
+            self._set_deadline(DL_HEADER, self.ctx.settings.client_header)
+
+    def on_url(self, url: bytes) -> None:
+        exchange = self._parsing
+        assert exchange is not None
+        exchange.target += url
+        if len(exchange.target) > self.ctx.settings.max_url_bytes:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        exchange = self._parsing
+        assert exchange is not None
+        exchange.headers.append((name.lower(), name, value))
+        exchange.header_bytes += len(name) + len(value) + 4
+        settings = self.ctx.settings
+        if (
+            len(exchange.headers) > settings.max_headers
+            or exchange.header_bytes > settings.max_header_bytes
+        ):
+            raise _Reject(431)
+
+    def on_headers_complete(self) -> None:
+        exchange = self._parsing
+        assert exchange is not None
+        parser = self._parser
+        exchange.head_done = True
+        code = exchange.parse_head(
+            parser.get_method(),
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            self.ctx,
+            self.peer,
+        )
+        if code:
+            raise _Reject(code)
+        if exchange.body_mode != BODY_NONE:
+            self._set_deadline(DL_BODY, self.ctx.settings.client_body)
+        if self._active is None:
+            self._activate(exchange)
+        else:
+            self._queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._parsing
+        assert exchange is not None
+        exchange.body_received += len(body)
+        limit = self.ctx.settings.max_body_bytes
+        if limit is not None and exchange.body_received > limit:
+            raise _Reject(413)
+        self.deadline = self.ctx.clock.now + self.ctx.settings.client_body
+        if exchange.body_mode == BODY_CHUNKED:
+            self._send_body(exchange, b"%x\r\n" % len(body) + body + CRLF)
+        else:
+            self._send_body(exchange, body)
+
+    def on_message_complete(self) -> None:
+        exchange = self._parsing
+        assert exchange is not None
+        self._parsing = None
+        exchange.request_done = True
+        if exchange.body_mode == BODY_CHUNKED:
+            self._send_body(exchange, LAST_CHUNK)
+        if exchange is self._active:
+            self._set_deadline(DL_NONE, 0.0)
+            up = exchange.upstream
+            if up is not None and not exchange.head_sent:
+                up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        elif len(self._queue) >= PIPELINE_LIMIT:
+            self._set_pause(PAUSE_QUEUE, True)
+
+    def _send_body(self, exchange: Exchange, data: bytes) -> None:
+        up = exchange.upstream
+        if up is not None and exchange is self._active:
+            up.write(data)
+            exchange.capture_replay(data, REPLAY_LIMIT)
+            return
+        exchange.body.append(data)
+        exchange.body_buffered += len(data)
+        if exchange.body_buffered > BODY_BUFFER_LIMIT:
+            self._set_pause(PAUSE_BUFFER, True)
+
+    # -- choosing a backend and connecting --------------------------------------------------
+
+    def _activate(self, exchange: Exchange) -> None:
+        self._active = exchange
+        if exchange.body_mode == BODY_NONE or exchange.request_done:
+            self._set_deadline(DL_NONE, 0.0)
+        table = self.ctx.router.table
+        exchange.table = table
+        target = table.pick(exchange.cookie, exchange.override)
+        if target is None:
+            self._respond_error(exchange, 503)
+            return
+        if table.sticky and (
+            exchange.cookie is None or table.pinned(exchange.cookie) is not target
+        ):
+            exchange.set_cookie = target.set_cookie
+        self._dispatch(exchange, target)
+
+    def _dispatch(self, exchange: Exchange, target: Target) -> None:
+        exchange.target_backend = target
+        exchange.tried.append(target)
+        target.state.in_flight += 1
+        exchange.counted = True
+        up = target.pool.get()
+        if up is not None:
+            self._attach(exchange, up)
+        else:
+            self.ctx.spawn(self._connect(exchange, target))
+
+    async def _connect(self, exchange: Exchange, target: Target) -> None:
+        loop = self.ctx.loop
+        try:
+            _, up = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(target.pool),
+                    target.host,
+                    target.port,
+                    ssl=target.ssl_context,
+                    server_hostname=target.server_hostname,
+                ),
+                self.ctx.settings.connect,
+            )
+        except TimeoutError:
+            self._connect_failed(exchange, target, "timeout")
+            return
+        except (OSError, ValueError) as exc:
+            log.debug("connect to %s failed: %s", target.name, exc)
+            self._connect_failed(exchange, target, "connect")
+            return
+        if exchange is not self._active or self._closed or exchange.finished:
+            up.release(self.ctx.clock.now)
+            return
+        self._attach(exchange, up)
+
+    def _connect_failed(self, exchange: Exchange, target: Target, kind: str) -> None:
+        target.state.record_error(kind)
+        self.ctx.on_passive_failure(target, kind)
+        if exchange is not self._active or exchange.finished:
+            return
+        exchange.end_attempt()
+        # Nothing of the request reached any backend: any method may go elsewhere.
+        if self._retry(exchange, target, replay=False):
+            return
+        self._respond_error(exchange, 504 if kind == "timeout" else 502)
+
+    def _attach(self, exchange: Exchange, up: UpstreamConnection) -> None:
+        exchange.upstream = up
+        target = exchange.target_backend
+        assert target is not None
+        data = [exchange.request_head(target)]
+        body = exchange.body
+        if body:
+            data.extend(body)
+            for chunk in body:
+                exchange.capture_replay(chunk, REPLAY_LIMIT)
+            exchange.body = []
+            exchange.body_buffered = 0
+            self._set_pause(PAUSE_BUFFER, False)
+        deadline = INF
+        if exchange.request_done:
+            deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        up.send(self, data, exchange.head_only, deadline)
+        if self._write_paused:
+            up.set_reading(False)
+
+    def _retry(self, exchange: Exchange, failed: Target, replay: bool) -> bool:
+        """Send the request to another backend; False when none may take it."""
+        if replay and not exchange.replayable():
+            return False
+        table = exchange.table
+        assert table is not None
+        target = table.alternative(exchange.tried)
+        if target is None:
+            return False
+        failed.state.retries += 1
+        if replay:
+            exchange.body = list(exchange.replay or ())
+            exchange.replay = []
+            exchange.replayed = True
+        if table.sticky:
+            exchange.set_cookie = target.set_cookie
+        self._dispatch(exchange, target)
+        return True
+
+    # -- called by the UpstreamConnection -------------------------------------------------
+
+    def upstream_head(
+        self, up: UpstreamConnection, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        exchange = self._active
+        transport = self.transport
+        if exchange is None or transport is None or exchange.upstream is not up:
+            return
+        if status < 200:
+            self._interim(exchange, up, status, reason, headers)
+            return
+        exchange.status = status
+        head = exchange.response_head(
+            status, reason, headers, self._closing or self.ctx.shutting_down
+        )
+        exchange.head_sent = True
+        self._write(head)
+
+    def _interim(
+        self,
+        exchange: Exchange,
+        up: UpstreamConnection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        assert self.transport is not None
+        if status == 101:
+            if not exchange.websocket:
+                self.upstream_failed(up, "protocol")
+                return
+            exchange.status = 101
+            exchange.head_sent = True
+            lines = [status_line(101, reason)]
+            lines.extend(name + b": " + value + CRLF for name, value in headers)
+            lines.append(CRLF)
+            self._write(b"".join(lines))
+        elif exchange.version == "1.1":
+            lines = [status_line(status, reason)]
+            lines.extend(
+                name + b": " + value + CRLF
+                for name, value in headers
+                if name.lower() not in HOP_BY_HOP
+            )
+            lines.append(CRLF)
+            self._write(b"".join(lines))
+
+    def upstream_body(self, body: bytes) -> None:
+        exchange = self._active
+        transport = self.transport
+        if exchange is None or transport is None:
+            return
+        exchange.response_bytes += len(body)
+        if exchange.response_mode == RESP_CHUNKED:
+            self._write(b"%x\r\n" % len(body))
+            self._write(body)
+            self._write(CRLF)
+        elif exchange.response_mode != RESP_NONE:
+            self._write(body)
+
+    def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up:
+            up.detach()
+            return
+        if exchange.response_mode == RESP_CHUNKED and self.transport is not None:
+            self._write(LAST_CHUNK)
+        exchange.response_done = True
+        exchange.upstream = None
+        if keep_alive and exchange.request_done and exchange.response_mode != RESP_CLOSE:
+            up.release(self.ctx.clock.now)
+        else:
+            up.detach()
+        self._finish(exchange, exchange.status, keep=exchange.keep_client)
+
+    def upstream_lost(self, up: UpstreamConnection) -> None:
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up:
+            return
+        if exchange.head_sent and exchange.until_close:
+            # Read-until-close framing: the end of the connection is the end of the body.
+            self.upstream_done(up, keep_alive=False)
+            return
+        kind = "reset"
+        if up.reused and not up.got_bytes and exchange.replayable():
+            # A pooled connection the backend had already closed: try again, same backend.
+            exchange.upstream = None
+            target = exchange.target_backend
+            assert target is not None
+            exchange.tried.remove(target)
+            exchange.end_attempt()
+            exchange.body = list(exchange.replay or ())
+            exchange.replay = []
+            self._dispatch(exchange, target)
+            return
+        self.upstream_failed(up, kind)
+
+    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
+        """The upstream broke (``kind``: reset, timeout, protocol) during an exchange."""
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up:
+            up.abort()
+            return
+        exchange.upstream = None
+        up.abort()
+        target = exchange.target_backend
+        assert target is not None
+        target.state.record_error(kind)
+        if kind == "timeout":
+            self.ctx.on_passive_failure(target, kind)
+        if not exchange.head_sent:
+            exchange.end_attempt()
+            if not exchange.replayed and self._retry(exchange, target, replay=True):
+                return
+            self._respond_error(exchange, 504 if kind == "timeout" else 502)
+            return
+        # Part of the response already reached the client: it must not look complete.
+        self.abort()
+        self._finish(exchange, exchange.status, keep=False)
+
+    def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> bool:
+        exchange = self._active
+        transport = self.transport
+        if exchange is None or transport is None or exchange.status != 101:
+            return False
+        exchange.upstream = None
+        self._tunnel = up
+        up.tunnel = transport
+        if rest:
+            self._write(rest)
+        pending = exchange.tunnel_data
+        if pending:
+            up.write(pending)
+        self._finish(exchange, 101, keep=True)
+        self._set_deadline(DL_NONE, 0.0)
+        return True
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        exchange = self._active
+        if exchange is not None and exchange.websocket:
+            # Bytes after the handshake belong to the tunnel once the backend agrees.
+            exchange.tunnel_data = rest
+        else:
+            # An upgrade we do not tunnel (h2c and friends) was answered as plain HTTP/1.1;
+            # the connection cannot go on parsing after it.
+            self._closing = True
+
+    # -- finishing ------------------------------------------------------------------------
+
+    def _respond_error(self, exchange: Exchange, code: int) -> None:
+        transport = self.transport
+        keep = exchange.keep_client and exchange.request_done and not self._closing
+        if transport is not None:
+            self._write(error_response(code, close=not keep))
+        up = exchange.upstream
+        if up is not None:
+            exchange.upstream = None
+            up.abort()
+        exchange.status = code
+        exchange.head_sent = True
+        exchange.generated = True
+        self._finish(exchange, code, keep=keep)
+
+    def _finish(self, exchange: Exchange, status: int, keep: bool) -> None:
+        if exchange.finished:
+            return
+        exchange.finished = True
+        ctx = self.ctx
+        exchange.end_attempt()
+        target = exchange.target_backend
+        if target is not None:
+            state = target.state
+            state.record_response(status, ctx.clock.second)
+            if not exchange.generated:
+                state.consecutive_failures = 0
+        if ctx.access_log is not None:
+            ctx.access_log.log(exchange, self.peer, status, ctx.clock)
+        if exchange is self._active:
+            self._active = None
+        if self._closed:
+            return
+        if not keep or not exchange.request_done or self._closing or ctx.shutting_down:
+            if self._tunnel is None:
+                self.close()
+            return
+        if self._queue:
+            self._set_pause(PAUSE_QUEUE, False)
+            self._activate(self._queue.popleft())
+        elif self._parsing is None:
+            self._set_deadline(DL_IDLE, ctx.settings.idle)
+        elif self._parsing.head_done:
+            self._set_deadline(DL_BODY, ctx.settings.client_body)
+        else:
+            self._set_deadline(DL_HEADER, ctx.settings.client_header)
+
+    def reject(self, code: int) -> None:
+        """Answer a request tdproxy refuses itself (4xx), then close the connection."""
+        if self._closed or self.transport is None:
+            return
+        exchange = self._active
+        if exchange is not None and not exchange.finished:
+            if exchange.head_sent:
+                self.abort()
+                self._finish(exchange, exchange.status, keep=False)
+                return
+            self._closing = True
+            self._respond_error(exchange, code)
+            return
+        self._closing = True
+        self._write(error_response(code, close=True))
+        parsing = self._parsing
+        if parsing is not None and self.ctx.access_log is not None:
+            self.ctx.access_log.log(parsing, self.peer, code, self.ctx.clock)
+        self.close()
+
+    # -- writing to the client ----------------------------------------------------------------
+
+    def begin_batch(self) -> None:
+        """Collect writes until :meth:`end_batch`: a response that arrives in one read (head,
+        body and end) leaves in one send."""
+        self._batch = []
+
+    def end_batch(self) -> None:
+        batch = self._batch
+        self._batch = None
+        transport = self.transport
+        if not batch or transport is None or transport.is_closing():
+            return
+        if len(batch) == 1:
+            transport.write(batch[0])
+        else:
+            transport.write(b"".join(batch))
+
+    def _write(self, data: bytes) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        self._closing = True
+        self.deadline = INF
+        self.end_batch()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    # -- deadlines, pausing, shutdown -----------------------------------------------------
+
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self._deadline_kind = kind
+        self.deadline = INF if kind == DL_NONE else self.ctx.clock.now + seconds
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the sweeper: act on whatever deadline has passed."""
+        active = self._active
+        up = active.upstream if active is not None else None
+        if up is not None and up.deadline <= now:
+            self.upstream_failed(up, "timeout")
+            return
+        if self.deadline > now:
+            return
+        kind = self._deadline_kind
+        if kind == DL_IDLE:
+            self.close()
+        elif kind in (DL_HEADER, DL_BODY):
+            self.reject(408)
+
+    def has_upstream_deadline(self, now: float) -> bool:
+        active = self._active
+        up = active.upstream if active is not None else None
+        return up is not None and up.deadline <= now
+
+    def _set_pause(self, bit: int, on: bool) -> None:
+        before = self._pause_bits
+        after = before | bit if on else before & ~bit
+        if after == before:
+            return
+        self._pause_bits = after
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        if before == 0:
+            transport.pause_reading()
+        elif after == 0:
+            transport.resume_reading()
+
+    def pause_reading_for_upstream(self, on: bool) -> None:
+        self._set_pause(PAUSE_UPSTREAM, on)
+
+    def shutdown(self) -> None:
+        """Graceful stop: close now if idle, else after the answer in progress."""
+        self._closing = True
+        if self._active is None and self._parsing is None and self._tunnel is None:
+            self.close()
+
+    def abort(self) -> None:
+        self._batch = None
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
+    @property
+    def idle(self) -> bool:
+        return self._active is None and self._parsing is None and self._tunnel is None
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.peer.decode()} active={self._active!r}>"
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to refuse the request with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code

@@ -1,0 +1,105 @@
+"""What every connection of the data plane shares: settings, the router, the clock, the log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tdproxy.config.model import Config
+
+if TYPE_CHECKING:
+    from tdproxy.dataplane.client import ClientConnection
+    from tdproxy.observability.access_log import AccessLog
+    from tdproxy.routing.router import Router
+    from tdproxy.routing.table import Target
+
+
+class Settings:
+    """Timeouts and limits as plain floats/ints, swapped whole on reload."""
+
+    __slots__ = (
+        "client_body",
+        "client_header",
+        "connect",
+        "idle",
+        "max_body_bytes",
+        "max_head_bytes",
+        "max_header_bytes",
+        "max_headers",
+        "max_url_bytes",
+        "response_header",
+    )
+
+    def __init__(self, config: Config) -> None:
+        timeouts, limits = config.timeouts, config.limits
+        self.connect = timeouts.connect
+        self.response_header = timeouts.response_header
+        self.client_header = timeouts.client_header
+        self.client_body = timeouts.client_body
+        self.idle = timeouts.idle
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_url_bytes = limits.max_url_bytes
+        self.max_body_bytes = limits.max_body_bytes
+        # Bytes of a request head held before its end is seen: request line plus header section.
+        self.max_head_bytes = limits.max_url_bytes + limits.max_header_bytes + 64
+
+
+class Clock:
+    """A coarse clock, advanced by the sweeper a few times a second: a free read per request."""
+
+    __slots__ = ("now", "second", "wall")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.now = loop.time()
+        self.wall = time.time()
+        self.second = int(self.wall)
+
+    def tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.now = loop.time()
+        self.wall = time.time()
+        self.second = int(self.wall)
+
+
+class ProxyContext:
+    __slots__ = (
+        "access_log",
+        "clock",
+        "connections",
+        "loop",
+        "max_connections",
+        "on_passive_failure",
+        "router",
+        "scheme",
+        "settings",
+        "shutting_down",
+        "tasks",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        router: Router,
+        config: Config,
+        access_log: AccessLog | None,
+        on_passive_failure: Callable[[Target, str], None],
+    ) -> None:
+        self.loop = loop
+        self.router = router
+        self.settings = Settings(config)
+        self.max_connections = config.limits.max_connections
+        self.scheme = b"https" if config.entrypoint.tls else b"http"
+        self.access_log = access_log
+        self.on_passive_failure = on_passive_failure
+        self.clock = Clock(loop)
+        self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.shutting_down = False
+
+    def spawn(self, coroutine: object) -> None:
+        """Run a connection's background step (an upstream connect) and keep a reference."""
+        task: asyncio.Task[None] = self.loop.create_task(coroutine)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

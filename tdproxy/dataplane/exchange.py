@@ -1,0 +1,322 @@
+"""One request/response exchange: the request head as parsed, and what became of it.
+
+``parse_head`` applies DESIGN.md's request rules once per request (RFC 9110 §7.6.1 hop-by-hop
+fields, RFC 9112 §3.2.2 absolute-form, the X-Forwarded-* family) and keeps the result as bytes,
+so sending the request to a backend, or to a second one on retry, is a join. ``response_head``
+applies the same rules to the backend's answer and decides how the body is framed to the client.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from tdproxy.dataplane.http import (
+    CRLF,
+    HOP_BY_HOP,
+    IDEMPOTENT_METHODS,
+    connection_tokens,
+    split_absolute_form,
+    status_line,
+)
+
+if TYPE_CHECKING:
+    from tdproxy.dataplane.context import ProxyContext
+    from tdproxy.dataplane.upstream import UpstreamConnection
+    from tdproxy.routing.table import RoutingTable, Target
+
+BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
+RESP_NONE, RESP_LENGTH, RESP_CHUNKED, RESP_CLOSE = 0, 1, 2, 3
+
+# What parse_head does with a request field (anything not listed is forwarded as it is).
+_DROP, _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _COOKIE, _UA, _REFERER = range(10)
+_REQUEST_FIELDS = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _DROP,
+    b"x-forwarded-host": _DROP,
+    b"x-real-ip": _DROP,
+    b"cookie": _COOKIE,
+    b"user-agent": _UA,
+    b"referer": _REFERER,
+}
+# Connection options that name no field.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+class Exchange:
+    __slots__ = (
+        "body",
+        "body_buffered",
+        "body_mode",
+        "body_received",
+        "cookie",
+        "counted",
+        "finished",
+        "generated",
+        "head_done",
+        "head_only",
+        "head_sent",
+        "header_bytes",
+        "headers",
+        "host",
+        "keep_alive",
+        "keep_client",
+        "method",
+        "middle",
+        "monotonic_start",
+        "override",
+        "referer",
+        "replay",
+        "replay_bytes",
+        "replayed",
+        "request_done",
+        "request_line",
+        "response_bytes",
+        "response_done",
+        "response_mode",
+        "set_cookie",
+        "started",
+        "status",
+        "table",
+        "target",
+        "target_backend",
+        "tried",
+        "tunnel_data",
+        "until_close",
+        "upstream",
+        "user_agent",
+        "version",
+        "websocket",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.monotonic_start = time.monotonic()
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.header_bytes = 0
+        self.head_done = False
+        self.method = "-"
+        self.version = "1.1"
+        self.keep_alive = True
+        self.head_only = False
+        self.websocket = False
+        self.body_mode = BODY_NONE
+        self.host: bytes | None = None
+        self.cookie: bytes | None = None
+        self.override: bytes | None = None
+        self.user_agent: bytes | None = None
+        self.referer: bytes | None = None
+        self.request_line = b""
+        self.middle = b""
+        self.body: list[bytes] = []
+        self.body_buffered = 0
+        self.body_received = 0
+        self.request_done = False
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self.replayed = False
+        self.table: RoutingTable | None = None
+        self.target_backend: Target | None = None
+        self.tried: list[Target] = []
+        self.upstream: UpstreamConnection | None = None
+        self.counted = False
+        self.status = 0
+        self.head_sent = False
+        self.response_mode = RESP_NONE
+        self.response_bytes = 0
+        self.response_done = False
+        self.until_close = False
+        self.keep_client = True
+        self.generated = False
+        self.finished = False
+        self.set_cookie = b""
+        self.tunnel_data = b""
+
+    # -- request --------------------------------------------------------------------------
+
+    def parse_head(
+        self,
+        method: bytes,
+        version: str,
+        keep_alive: bool,
+        upgrade: bool,
+        ctx: ProxyContext,
+        peer: bytes,
+    ) -> int:
+        """Check the request head and prepare what goes upstream; return an error status or 0."""
+        self.method = method.decode("ascii", "replace")
+        self.version = version
+        self.keep_alive = keep_alive
+        self.head_only = method == b"HEAD"
+        if version != "1.1" and version != "1.0":
+            return 400
+        if method == b"CONNECT":
+            return 405
+        target = self.target
+        authority = None
+        if target[:1] != b"/" and not (target == b"*" and method == b"OPTIONS"):
+            split = split_absolute_form(target)
+            if split is None:
+                return 400
+            authority, target = split
+        override_name = ctx.router.table.override_header
+        lines: list[tuple[bytes, bytes]] = []
+        host = upgrade_value = forwarded_for = None
+        tokens: list[bytes] | None = None
+        length = 0
+        chunked = False
+        for lname, name, value in self.headers:
+            action = _REQUEST_FIELDS.get(lname)
+            if action is None:
+                if lname == override_name:
+                    self.override = value
+                lines.append((lname, name + b": " + value + CRLF))
+            elif action == _HOST:
+                if host is not None:
+                    return 400
+                host = value
+            elif action == _LENGTH:
+                length = int(value)
+            elif action == _TE:
+                chunked = True
+            elif action == _CONNECTION:
+                tokens = (tokens or []) + connection_tokens(value)
+            elif action == _UPGRADE:
+                upgrade_value = value
+            elif action == _XFF:
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            elif action != _DROP:
+                if action == _COOKIE:
+                    self.cookie = value if self.cookie is None else self.cookie + b"; " + value
+                elif action == _UA:
+                    self.user_agent = value
+                elif action == _REFERER:
+                    self.referer = value
+                lines.append((lname, name + b": " + value + CRLF))
+        if authority is not None:
+            host = authority
+        elif host is None and version == "1.1":
+            return 400
+        self.host = host
+        if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):
+            named = set(tokens)
+            lines = [(lname, line) for lname, line in lines if lname not in named]
+        limit = ctx.settings.max_body_bytes
+        if chunked:
+            self.body_mode = BODY_CHUNKED
+        elif length:
+            if limit is not None and length > limit:
+                return 413
+            self.body_mode = BODY_LENGTH
+        out = [line for _, line in lines]
+        client = peer if forwarded_for is None else forwarded_for + b", " + peer
+        out.append(b"X-Forwarded-For: " + client + CRLF)
+        out.append(b"X-Forwarded-Proto: " + ctx.scheme + CRLF)
+        if host is not None:
+            out.append(b"X-Forwarded-Host: " + host + CRLF)
+        out.append(b"X-Real-IP: " + peer + CRLF)
+        if self.body_mode == BODY_LENGTH:
+            out.append(b"Content-Length: %d\r\n" % length)
+        elif self.body_mode == BODY_CHUNKED:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if upgrade and upgrade_value is not None and method == b"GET":
+            self.websocket = b"websocket" in upgrade_value.lower()
+            if self.websocket:
+                out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        out.append(CRLF)
+        self.request_line = method + b" " + target + b" HTTP/1.1\r\n"
+        self.middle = b"".join(out)
+        self.headers = []
+        return 0
+
+    def request_head(self, target: Target) -> bytes:
+        host = target.host_header or self.host or target.backend.authority.encode("idna")
+        return self.request_line + b"Host: " + host + CRLF + self.middle
+
+    def capture_replay(self, data: bytes, limit: int) -> None:
+        """Keep a copy of body bytes sent upstream, while small enough to send again."""
+        replay = self.replay
+        if replay is None:
+            return
+        self.replay_bytes += len(data)
+        if self.replay_bytes > limit:
+            self.replay = None
+        else:
+            replay.append(data)
+
+    def replayable(self) -> bool:
+        """May this request be sent again after a backend took (some of) it?"""
+        return (
+            self.request_done
+            and self.replay is not None
+            and self.method in IDEMPOTENT_METHODS
+            and not self.websocket
+        )
+
+    def end_attempt(self) -> None:
+        """The current backend no longer holds this request: it leaves its in-flight count."""
+        if self.counted and self.target_backend is not None:
+            self.target_backend.state.in_flight -= 1
+        self.counted = False
+
+    # -- response -------------------------------------------------------------------------
+
+    def response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], closing: bool
+    ) -> bytes:
+        """The head sent to the client; sets how its body is framed and whether to keep alive."""
+        lines: list[tuple[bytes, bytes]] = []
+        length = chunked = False
+        tokens = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"transfer-encoding":
+                    chunked = True
+                elif lname == b"connection":
+                    tokens = (tokens or []) + connection_tokens(value)
+                continue
+            if lname == b"content-length":
+                length = True
+            lines.append((lname, name + b": " + value + CRLF))
+        if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):
+            named = set(tokens)
+            lines = [(lname, line) for lname, line in lines if lname not in named]
+        http11 = self.version == "1.1"
+        if self.head_only or status == 204 or status == 304:
+            mode = RESP_NONE
+        elif chunked or not length:
+            self.until_close = not chunked
+            mode = RESP_CHUNKED if http11 else RESP_CLOSE
+            if length:
+                lines = [(lname, line) for lname, line in lines if lname != b"content-length"]
+        else:
+            mode = RESP_LENGTH
+        self.response_mode = mode
+        keep = self.keep_alive and not closing and mode != RESP_CLOSE
+        self.keep_client = keep
+        out = [status_line(status, reason)]
+        out.extend(line for _, line in lines)
+        if not keep:
+            out.append(b"Connection: close\r\n")
+        elif not http11:
+            out.append(b"Connection: keep-alive\r\n")
+        if mode == RESP_CHUNKED:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if self.set_cookie:
+            out.append(self.set_cookie)
+        out.append(CRLF)
+        return b"".join(out)
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method} {self.target[:60]!r} status={self.status}>"

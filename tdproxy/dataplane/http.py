@@ -1,0 +1,117 @@
+"""HTTP/1.1 constants and small byte-level helpers for the hot path, all precomputed."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+# RFC 9110 §7.6.1: connection-specific ("hop-by-hop") fields never forwarded. Transfer-Encoding is
+# re-framed by tdproxy itself (RFC 9112 §6.1); Proxy-Connection is a legacy alias.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request fields tdproxy sets itself; the client's copies are dropped or merged.
+FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def status_line(code: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 <code> <reason>\\r\\n``, cached per (code, reason)."""
+    key = (code, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        if not reason:
+            try:
+                reason = HTTPStatus(code).phrase.encode()
+            except ValueError:
+                reason = b""
+        line = b"HTTP/1.1 %d %s\r\n" % (code, reason)
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[key] = line
+    return line
+
+
+_REASONS = {
+    400: "malformed request",
+    403: "forbidden",
+    405: "method not allowed",
+    408: "request timed out",
+    413: "request body too large",
+    414: "request-target too long",
+    421: "misdirected request",
+    431: "request header fields too large",
+    501: "not implemented",
+    502: "bad gateway: the backend is unreachable or sent a broken response",
+    503: "service unavailable: no backend is available",
+    504: "gateway timeout: the backend did not answer in time",
+}
+
+
+def _error_response(code: int, close: bool) -> bytes:
+    phrase = HTTPStatus(code).phrase
+    body = f"{code} {phrase}: {_REASONS.get(code, phrase.lower())}\n".encode()
+    head = [
+        f"HTTP/1.1 {code} {phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+    ]
+    if close:
+        head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+_ERRORS = {
+    (code, close): _error_response(code, close) for code in _REASONS for close in (True, False)
+}
+
+
+def error_response(code: int, close: bool = True) -> bytes:
+    """A complete plain-text response for a status tdproxy produces itself."""
+    return _ERRORS.get((code, close)) or _error_response(code, close)
+
+
+def error_body_length(code: int) -> int:
+    response = error_response(code)
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """RFC 9112 §3.2.2: ``http://host[:port]/path?q`` -> (authority, origin-form target)."""
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://"):
+        rest = target[7:]
+    elif lowered.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        return None
+    slash = len(rest)
+    for stop in (b"/", b"?"):
+        position = rest.find(stop)
+        if position != -1 and position < slash:
+            slash = position
+    authority = rest[:slash]
+    path = rest[slash:]
+    if b"@" in authority or not authority:
+        return None
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
+def connection_tokens(value: bytes) -> list[bytes]:
+    return [token.strip().lower() for token in value.split(b",") if token.strip()]

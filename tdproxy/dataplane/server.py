@@ -1,0 +1,99 @@
+"""The entrypoint: the listening socket, the deadline sweeper and the graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+
+from tdproxy.config.model import Config
+from tdproxy.dataplane.client import ClientConnection
+from tdproxy.dataplane.context import ProxyContext
+
+log = logging.getLogger("tdproxy.entrypoint")
+
+SWEEP_INTERVAL = 0.25
+
+
+def tls_server_context(certificate: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate, key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Entrypoint:
+    def __init__(self, ctx: ProxyContext, config: Config) -> None:
+        self.ctx = ctx
+        self.address = config.entrypoint.address
+        self.port = config.entrypoint.port
+        tls = config.entrypoint.tls
+        self.ssl_context = tls_server_context(tls.certificate, tls.key) if tls else None
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = self.ctx.loop
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self.ctx),
+            self.address,
+            self.port,
+            ssl=self.ssl_context,
+            backlog=2048,
+            reuse_address=True,
+        )
+        sockets = self._server.sockets
+        if sockets and self.port == 0:
+            self.port = sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep(), name="tdproxy-sweeper")
+        scheme = "https" if self.ssl_context else "http"
+        log.info("entrypoint listening on %s://%s:%d", scheme, self.address, self.port)
+
+    def reload_tls(self, config: Config) -> None:
+        """Load new certificate files; new connections use them, open ones are untouched."""
+        tls = config.entrypoint.tls
+        if tls is None or self.ssl_context is None:
+            return
+        self.ssl_context.load_cert_chain(tls.certificate, tls.key)
+
+    async def _sweep(self) -> None:
+        ctx = self.ctx
+        loop = ctx.loop
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            ctx.clock.tick(loop)
+            now = ctx.clock.now
+            for connection in list(ctx.connections):
+                if connection.deadline <= now or connection.has_upstream_deadline(now):
+                    connection.check_deadline(now)
+            ctx.router.expire_idle(now)
+            if ctx.access_log is not None:
+                ctx.access_log.flush()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let answers in progress finish within ``grace``, then close all."""
+        ctx = self.ctx
+        ctx.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(ctx.connections):
+            connection.shutdown()
+        deadline = ctx.loop.time() + grace
+        while ctx.connections and ctx.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if ctx.connections:
+            log.warning("shutdown grace over: closing %d connection(s)", len(ctx.connections))
+            for connection in list(ctx.connections):
+                connection.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(ctx.tasks):
+            task.cancel()
+        ctx.router.close()
+        if ctx.access_log is not None:
+            ctx.access_log.flush()
+        if self._server is not None:
+            await self._server.wait_closed()

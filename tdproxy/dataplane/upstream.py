@@ -1,0 +1,247 @@
+"""The backend side of the hot path: one keep-alive connection to a backend.
+
+Theory of operation
+-------------------
+An :class:`UpstreamConnection` carries one exchange at a time (no upstream pipelining). The
+client side attaches it with :meth:`send`, the response is parsed with httptools and handed back
+to the owning :class:`~tdproxy.dataplane.client.ClientConnection` through four calls:
+``upstream_head``, ``upstream_body``, ``upstream_done`` and ``upstream_failed``. Completion is
+reported only after ``feed_data`` returns, so the client may reuse or pool this connection
+without re-entering the parser.
+
+httptools cannot be told that a response answers a HEAD request; for those the exchange is
+finished at the end of the header section and the parser is replaced before the next use.
+After a ``101 Switching Protocols`` the connection becomes a byte tunnel and never returns to
+the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from tdproxy.dataplane.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from tdproxy.dataplane.client import ClientConnection
+
+INF = math.inf
+log = logging.getLogger("tdproxy.upstream")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_complete",
+        "_headers",
+        "_keep_alive",
+        "_reason",
+        "_reset_parser",
+        "alive",
+        "client",
+        "deadline",
+        "got_bytes",
+        "head_only",
+        "idle_since",
+        "parser",
+        "pool",
+        "read_paused",
+        "reused",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.tunnel: asyncio.Transport | None = None
+        self.alive = True
+        self.reused = False
+        self.got_bytes = False
+        self.head_only = False
+        self.read_paused = False
+        self.deadline = INF
+        self.idle_since = 0.0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._complete = False
+        self._keep_alive = False
+        self._reset_parser = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        client = self.client
+        if client is None:
+            # A backend must not talk on an idle connection; whatever it is, drop the connection.
+            self.close()
+            return
+        self.got_bytes = True
+        client.begin_batch()
+        try:
+            self._feed(client, data)
+        finally:
+            client.end_batch()
+
+    def _feed(self, client: ClientConnection, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if client.upstream_upgraded(self, data[upgrade.args[0] :]):
+                return
+            client.upstream_failed(self, "protocol")
+            return
+        except httptools.HttpParserCallbackError:
+            log.exception("internal error while handling a response from %s", self.pool.key)
+            if self.client is client:
+                client.upstream_failed(self, "protocol")
+            return
+        except httptools.HttpParserError:
+            client.upstream_failed(self, "protocol")
+            return
+        if self._complete:
+            self._complete = False
+            if self._reset_parser:
+                self._reset_parser = False
+                self.parser = httptools.HttpResponseParser(self)
+            if self.client is client:
+                client.upstream_done(self, self._keep_alive)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self.deadline = INF
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+            return
+        client = self.client
+        if client is not None:
+            client.upstream_lost(self)
+        else:
+            self.pool.discard(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for_upstream(True)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for_upstream(False)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        self.deadline = INF
+        parser = self.parser
+        status = parser.get_status_code()
+        self._keep_alive = parser.should_keep_alive()
+        client.upstream_head(self, status, self._reason, self._headers)
+        if self.head_only and status >= 200:
+            # HEAD (or a response that carries no body whatever its headers claim): done now.
+            self._complete = True
+            self._reset_parser = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.head_only and self.client is not None:
+            self.client.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        if parser.get_status_code() >= 200 and not self.head_only:
+            self._keep_alive = parser.should_keep_alive()
+            self._complete = True
+
+    # -- used by the client side ----------------------------------------------------------
+
+    def usable(self) -> bool:
+        transport = self.transport
+        return self.alive and transport is not None and not transport.is_closing()
+
+    def send(
+        self, client: ClientConnection, data: list[bytes], head_only: bool, deadline: float
+    ) -> None:
+        """Attach to ``client`` and write the request head (and any buffered body)."""
+        self.client = client
+        self.head_only = head_only
+        self.got_bytes = False
+        self.deadline = deadline
+        transport = self.transport
+        assert transport is not None
+        if len(data) == 1:
+            transport.write(data[0])
+        else:
+            transport.writelines(data)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def release(self, now: float) -> None:
+        """The exchange finished cleanly: back to the pool."""
+        self.client = None
+        self.deadline = INF
+        self.reused = True
+        if self.read_paused:
+            self.set_reading(True)
+        self.pool.put(self, now)
+
+    def detach(self) -> None:
+        """Forget the client and close: the connection is in an unknown state."""
+        self.client = None
+        self.close()
+
+    def set_reading(self, enabled: bool) -> None:
+        transport = self.transport
+        if transport is None or self.read_paused != enabled:
+            return
+        self.read_paused = not enabled
+        if enabled:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def close(self) -> None:
+        self.alive = False
+        self.client = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def abort(self) -> None:
+        self.alive = False
+        self.client = None
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
+    def __repr__(self) -> str:
+        state = "busy" if self.client else ("tunnel" if self.tunnel else "idle")
+        return f"<UpstreamConnection {self.pool.key} {state} alive={self.alive}>"

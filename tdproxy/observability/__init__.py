@@ -1,0 +1,1 @@
+"""Observability: access log, metrics, logging set-up."""

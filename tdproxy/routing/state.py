@@ -1,0 +1,86 @@
+"""Observed state: what the proxy has learned about a backend at run time.
+
+A :class:`BackendState` outlives config generations: a reload that keeps a backend (matched by
+name) hands the same object to the new routing table, so health, passive-failure counts and
+counters carry over. Plain integers only, so the hot path pays a few increments per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+# Per-second buckets of the last minute, for the observed traffic share.
+SHARE_WINDOW_SECONDS = 60
+
+
+class BackendState:
+    __slots__ = (
+        "_ring",
+        "_ring_second",
+        "consecutive_failures",
+        "errors",
+        "health_changed_at",
+        "health_reason",
+        "healthy",
+        "in_flight",
+        "name",
+        "requests",
+        "retries",
+    )
+
+    def __init__(self, name: str, healthy: bool = True) -> None:
+        self.name = name
+        self.healthy = healthy
+        self.health_changed_at = time.time()
+        self.health_reason = "initial"
+        self.consecutive_failures = 0  # passive: connect errors / timeouts on real traffic
+        self.in_flight = 0
+        self.requests: dict[int, int] = {}  # status code -> count
+        self.errors: dict[str, int] = {}  # kind (connect, timeout, reset, ...) -> count
+        self.retries = 0
+        self._ring = [0] * SHARE_WINDOW_SECONDS
+        self._ring_second = [-1] * SHARE_WINDOW_SECONDS
+
+    def record_response(self, status: int, now_second: int) -> None:
+        """Count one answered request (the hot path's only per-request bookkeeping here)."""
+        requests = self.requests
+        requests[status] = requests.get(status, 0) + 1
+        slot = now_second % SHARE_WINDOW_SECONDS
+        if self._ring_second[slot] != now_second:
+            self._ring_second[slot] = now_second
+            self._ring[slot] = 0
+        self._ring[slot] += 1
+
+    def record_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    def recent_requests(self, now_second: int) -> int:
+        """Requests answered in the last ``SHARE_WINDOW_SECONDS`` seconds."""
+        oldest = now_second - SHARE_WINDOW_SECONDS
+        return sum(
+            count
+            for second, count in zip(self._ring_second, self._ring, strict=True)
+            if second > oldest
+        )
+
+    def set_health(
+        self, healthy: bool, reason: str, clock: Callable[[], float] = time.time
+    ) -> bool:
+        """Change health; return True when it actually changed."""
+        if healthy == self.healthy:
+            return False
+        self.healthy = healthy
+        self.health_reason = reason
+        self.health_changed_at = clock()
+        return True
+
+    def __repr__(self) -> str:
+        health = "up" if self.healthy else "down"
+        return (
+            f"<BackendState {self.name} {health} in_flight={self.in_flight} "
+            f"requests={self.total_requests()}>"
+        )

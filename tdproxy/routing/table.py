@@ -1,0 +1,217 @@
+"""The routing table: one config generation, ready for the hot path.
+
+A :class:`RoutingTable` is built from a :class:`Config` and the observed :class:`BackendState`
+objects. Everything a request needs (host header bytes, Set-Cookie lines, override lookups, the
+selector over the currently eligible backends) is precomputed here. Health changes call
+:meth:`RoutingTable.refresh`, which rebuilds the selector, so ``pick()`` never filters dead
+backends. A reload builds a whole new table and the :class:`Router` swaps it in one assignment;
+requests already running keep the table (and targets) they started with.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from tdproxy.config.model import Backend, Config
+from tdproxy.routing.selection import WeightedSelector
+from tdproxy.routing.state import BackendState
+from tdproxy.routing.sticky import StickyCodec, cookie_value, set_cookie_header
+
+if TYPE_CHECKING:
+    from tdproxy.dataplane.pool import UpstreamPool
+
+
+class Target:
+    """One backend within one table generation: its config, derived bytes and observed state."""
+
+    __slots__ = (
+        "backend",
+        "backup",
+        "host",
+        "host_header",
+        "name",
+        "pool",
+        "port",
+        "server_hostname",
+        "set_cookie",
+        "ssl_context",
+        "state",
+        "weight",
+    )
+
+    def __init__(self, backend: Backend, state: BackendState, pool: UpstreamPool) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.weight = backend.weight
+        self.backup = backend.backup
+        self.state = state
+        self.pool = pool
+        self.host = backend.host
+        self.port = backend.port
+        self.ssl_context: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
+        if backend.scheme == "https":
+            self.ssl_context = tls_client_context(backend.tls_verify)
+            self.server_hostname = backend.host
+        # None = preserve the client's Host header.
+        if backend.host_header == "preserve":
+            self.host_header: bytes | None = None
+        elif backend.host_header == "backend":
+            self.host_header = backend.authority.encode("idna")
+        else:
+            self.host_header = backend.host_header.encode("idna")
+        self.set_cookie = b""
+
+    def __repr__(self) -> str:
+        return f"<Target {self.name} weight={self.weight} {self.state!r}>"
+
+
+def tls_client_context(verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class RoutingTable:
+    __slots__ = (
+        "_codec",
+        "_cookie_name",
+        "_override_cookie",
+        "_selector",
+        "all_down",
+        "by_name",
+        "config",
+        "generation",
+        "method",
+        "override_header",
+        "reject_when_down",
+        "sticky",
+        "targets",
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        states: dict[str, BackendState],
+        pool_for: Callable[[Backend], UpstreamPool],
+        generation: int,
+        secure_cookie: bool = False,
+    ) -> None:
+        self.config = config
+        self.generation = generation
+        routing = config.routing
+        self.method = routing.method
+        self.reject_when_down = routing.when_all_down == "reject"
+        self.targets = [
+            Target(
+                backend, states.get(backend.name) or BackendState(backend.name), pool_for(backend)
+            )
+            for backend in config.backends
+        ]
+        self.by_name = {target.name: target for target in self.targets}
+        self.sticky = self.method == "sticky"
+        self._codec = StickyCodec(self.by_name, routing.sticky.secret)
+        self._cookie_name = routing.sticky.cookie.encode()
+        for target in self.targets:
+            target.set_cookie = set_cookie_header(
+                routing.sticky.cookie,
+                self._codec.token(target.name),
+                secure=secure_cookie,
+                max_age=routing.sticky.max_age,
+            )
+        header = routing.override_header
+        self.override_header = header.lower().encode() if header else None
+        cookie = routing.override_cookie
+        self._override_cookie = cookie.encode() if cookie else None
+        self.all_down = False
+        self._selector: WeightedSelector[Target] = WeightedSelector(())
+        self.refresh()
+
+    # -- eligibility ---------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Rebuild the selector from current health (call after any health change)."""
+        healthy_main = [t for t in self.targets if t.state.healthy and not t.backup]
+        healthy_backup = [t for t in self.targets if t.state.healthy and t.backup]
+        self.all_down = not healthy_main and not healthy_backup
+        if self.method == "failover":
+            chosen = healthy_main[:1] or healthy_backup[:1]
+            if not chosen and not self.reject_when_down:
+                chosen = [t for t in self.targets if not t.backup][:1]
+            self._selector = WeightedSelector([(t, 1) for t in chosen])
+            return
+        entries = [(t, t.weight) for t in healthy_main if t.weight > 0]
+        if not entries and healthy_backup:
+            entries = _weighted_or_equal(healthy_backup)
+        if not entries and not self.reject_when_down:
+            # Every weighted backend is marked down: try them anyway (the checks may be wrong).
+            entries = [(t, t.weight) for t in self.targets if not t.backup and t.weight > 0]
+            entries = entries or _weighted_or_equal([t for t in self.targets if not t.backup])
+        self._selector = WeightedSelector(entries)
+
+    def eligible(self) -> list[Target]:
+        return self._selector.items
+
+    # -- picking -------------------------------------------------------------------------
+
+    def pick(self, cookie: bytes | None = None, override: bytes | None = None) -> Target | None:
+        """The target for a request. ``cookie`` is the raw Cookie header, ``override`` the raw
+        value of the override header; both only matter when the table is configured for them."""
+        if override is not None and self.override_header is not None:
+            target = self.by_name.get(override.strip().decode("latin-1"))
+            if target is not None:
+                return target
+        if cookie is not None:
+            if self._override_cookie is not None:
+                value = cookie_value(cookie, self._override_cookie)
+                if value is not None and (target := self.by_name.get(value.decode("latin-1"))):
+                    return target
+            if self.sticky:
+                pinned = self.pinned(cookie)
+                if pinned is not None:
+                    return pinned
+        return self._selector.pick()
+
+    def pinned(self, cookie: bytes) -> Target | None:
+        """The backend a sticky cookie pins to, if it may still serve that user."""
+        value = cookie_value(cookie, self._cookie_name)
+        if value is None:
+            return None
+        name = self._codec.decode(value.decode("latin-1"))
+        target = self.by_name.get(name) if name is not None else None
+        if target is None:
+            return None
+        if self.all_down:
+            return None if self.reject_when_down else target
+        if not target.state.healthy:
+            return None
+        if target.backup and any(t.state.healthy and not t.backup for t in self.targets):
+            return None
+        return target
+
+    def alternative(self, exclude: Iterable[Target]) -> Target | None:
+        """Another target for a retry: never one in ``exclude``, never the same twice."""
+        tried = set(exclude)
+        for _ in range(len(self.targets)):
+            target = self._selector.pick()
+            if target is None:
+                break
+            if target not in tried:
+                return target
+        for target in self.eligible():
+            if target not in tried:
+                return target
+        return None
+
+    def __repr__(self) -> str:
+        return f"<RoutingTable gen={self.generation} {self.method} {self._selector!r}>"
+
+
+def _weighted_or_equal(targets: list[Target]) -> list[tuple[Target, int]]:
+    if any(t.weight > 0 for t in targets):
+        return [(t, t.weight) for t in targets if t.weight > 0]
+    return [(t, 1) for t in targets]

@@ -1,0 +1,1 @@
+"""tdproxy's tests: ``unit`` (pure code), ``integration`` (real processes), ``fakes``."""
