@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from typing import cast
 
@@ -555,6 +556,7 @@ class ClientConnection(asyncio.Protocol):
         if target is not None:
             state = target.state
             state.record_response(status, ctx.clock.second)
+            state.record_duration(time.monotonic() - exchange.monotonic_start)
             if not exchange.generated:
                 state.consecutive_failures = 0
         if ctx.access_log is not None:

@@ -8,17 +8,23 @@ counters carry over. Plain integers only, so the hot path pays a few increments 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 
 # Per-second buckets of the last minute, for the observed traffic share.
 SHARE_WINDOW_SECONDS = 60
+# Upper bounds (seconds) of the request-duration histogram buckets; +Inf is implied.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class BackendState:
     __slots__ = (
         "_ring",
         "_ring_second",
+        "checks",
         "consecutive_failures",
+        "duration_counts",
+        "duration_sum",
         "errors",
         "health_changed_at",
         "health_reason",
@@ -39,6 +45,11 @@ class BackendState:
         self.requests: dict[int, int] = {}  # status code -> count
         self.errors: dict[str, int] = {}  # kind (connect, timeout, reset, ...) -> count
         self.retries = 0
+        self.checks = {"success": 0, "failure": 0}  # active health-check results
+        # duration_counts[i] counts requests with DURATION_BUCKETS[i-1] < d <= DURATION_BUCKETS[i]
+        # (the last slot is above every bound); cumulated only when scraped.
+        self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
         self._ring = [0] * SHARE_WINDOW_SECONDS
         self._ring_second = [-1] * SHARE_WINDOW_SECONDS
 
@@ -51,6 +62,10 @@ class BackendState:
             self._ring_second[slot] = now_second
             self._ring[slot] = 0
         self._ring[slot] += 1
+
+    def record_duration(self, seconds: float) -> None:
+        self.duration_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
 
     def record_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

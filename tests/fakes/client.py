@@ -195,15 +195,6 @@ class RawClient:
             pass
         return self._take(len(self._buffer))
 
-    def read_available(self) -> bytes:
-        """Whatever arrives before EOF, a reset or the timeout — never raises for those."""
-        try:
-            while self._fill():
-                pass
-        except (OSError, TimeoutError):
-            pass
-        return self._take(len(self._buffer))
-
     def read_head(self) -> Response:
         """The next response head, body not read."""
         raw = self.read_until(b"\r\n\r\n").decode("latin-1")
