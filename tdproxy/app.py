@@ -18,7 +18,9 @@ log = logging.getLogger("tdproxy")
 
 
 class App:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None, config_text: str | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.router = Router(config, secure_cookie=config.entrypoint.tls is not None)

@@ -7,7 +7,14 @@ import asyncio
 import sys
 
 from tdproxy import __version__
-from tdproxy.config.loader import ConfigError, load_config, resolve_path
+from tdproxy.config.loader import (
+    ConfigError,
+    load_config,
+    parse_config_text,
+    read_config_text,
+    resolve_path,
+)
+from tdproxy.config.model import Config
 
 EXIT_INVALID_CONFIG = 2
 
@@ -47,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     return demo.run_backend(args.name, args.host, args.port)
 
 
+async def _serve(config: Config, path: str, text: str) -> None:
+    from tdproxy.app import App
+
+    await App(config, path, text).serve()
+
+
 def _check(path: str) -> int:
     try:
         config = load_config(path)
@@ -59,17 +72,18 @@ def _check(path: str) -> int:
 
 
 def _run(path: str) -> int:
-    from tdproxy.app import App, install_event_loop_policy, setup_logging
+    from tdproxy.app import install_event_loop_policy, setup_logging
 
     setup_logging()
     try:
-        config = load_config(path)
+        text = read_config_text(path)
+        config = parse_config_text(text, path)
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
     install_event_loop_policy()
     try:
-        asyncio.run(App(config, path).serve())
+        asyncio.run(_serve(config, path, text))
     except OSError as exc:
         print(f"tdproxy: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -35,7 +35,15 @@ class Router:
         self.table = self._build(config)
 
     def _build(self, config: Config) -> RoutingTable:
-        self.generation += 1
+        table, pending = self.prepare(config)
+        pending()
+        return table
+
+    def prepare(self, config: Config) -> tuple[RoutingTable, Callable[[], None]]:
+        """Build the table for ``config`` without changing anything yet.
+
+        Returns the table and a commit function that makes its states and pools the router's
+        own; nothing is changed until that function runs, so a failed build loses nothing."""
         states = {
             backend.name: self.states.get(backend.name)
             or BackendState(backend.name, healthy=self._initial_health(backend))
@@ -50,19 +58,28 @@ class Router:
             return pool
 
         table = RoutingTable(
-            config, states, pool_for, self.generation, secure_cookie=self._secure_cookie
+            config, states, pool_for, self.generation + 1, secure_cookie=self._secure_cookie
         )
-        retired = [pool for key, pool in self.pools.items() if key not in pools]
-        self.states = states
-        self.pools = pools
-        for pool in retired:
-            pool.close()
-        return table
+
+        def commit() -> None:
+            retired = [pool for key, pool in self.pools.items() if key not in pools]
+            self.generation = table.generation
+            self.states = states
+            self.pools = pools
+            for pool in retired:
+                pool.close()
+
+        return table, commit
+
+    def install(self, table: RoutingTable, commit: Callable[[], None]) -> None:
+        """Make a prepared table current: one assignment for the hot path."""
+        commit()
+        self.table = table
 
     def apply(self, config: Config) -> RoutingTable:
-        """Build the table for ``config`` and make it current (one assignment)."""
-        table = self._build(config)
-        self.table = table
+        """Build the table for ``config`` and make it current."""
+        table, commit = self.prepare(config)
+        self.install(table, commit)
         return table
 
     def refresh(self) -> None:

@@ -1,0 +1,46 @@
+"""The optional plain-HTTP port that sends every request to the HTTPS entrypoint."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+log = logging.getLogger("tdproxy.entrypoint")
+
+
+def https_location(host: str, path_qs: str, https_port: int) -> str:
+    """``https://`` + the request's host (its port replaced by the HTTPS port) + its target."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if not name:
+        name = "localhost"
+    port = "" if https_port == 443 else f":{https_port}"
+    return f"https://{name}{port}{path_qs}"
+
+
+class RedirectServer:
+    def __init__(self, address: str, port: int, https_port: int) -> None:
+        self.address = address
+        self.port = port
+        self.https_port = https_port
+        self._runner: web.AppRunner | None = None
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        location = https_location(request.host, request.path_qs, self.https_port)
+        # 301 is what browsers expect for GET/HEAD; 308 keeps the method and body for others.
+        status = 301 if request.method in ("GET", "HEAD") else 308
+        return web.Response(status=status, headers={"Location": location}, text=location + "\n")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._redirect)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.address, self.port)
+        await site.start()
+        log.info("redirecting http://%s:%d to https", self.address, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
