@@ -51,8 +51,11 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
         timeout: float = 15.0,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        wait_admin: bool = False,
     ) -> ProxyProcess:
-        proxy = start_tdproxy(config, tmp_path, timeout=timeout, args=args, env=env)
+        proxy = start_tdproxy(
+            config, tmp_path, timeout=timeout, args=args, env=env, wait_admin=wait_admin
+        )
         started.append(proxy)
         return proxy
 

@@ -61,7 +61,8 @@ BODY_BUFFER_LIMIT = 256 * 1024
 PIPELINE_LIMIT = 16
 REPLAY_LIMIT = 64 * 1024
 
-DL_NONE, DL_IDLE, DL_HEADER, DL_BODY = 0, 1, 2, 3
+DL_NONE, DL_IDLE, DL_HEADER, DL_BODY, DL_LINGER = 0, 1, 2, 3, 4
+LINGER_SECONDS = 2.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -72,10 +73,13 @@ class ClientConnection(asyncio.Protocol):
         "_closing",
         "_deadline_kind",
         "_head_bytes",
+        "_lingering",
         "_parser",
         "_parsing",
         "_pause_bits",
+        "_pending_reject",
         "_queue",
+        "_starting",
         "_tunnel",
         "_write_paused",
         "ctx",
@@ -101,6 +105,9 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._closing = False
         self._closed = False
+        self._starting = False
+        self._pending_reject = 0
+        self._lingering = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -122,8 +129,12 @@ class ClientConnection(asyncio.Protocol):
         if tunnel is not None:
             tunnel.write(data)
             return
-        if self._closing and self._parsing is None and self._active is None:
-            return
+        if self._closing and (
+            self._pending_reject
+            or self._lingering
+            or (self._parsing is None and self._active is None)
+        ):
+            return  # refused or finished: whatever else arrives is discarded
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -146,10 +157,11 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client finished sending. Let an answer in progress complete (half-close).
-        if self._active is None and self._parsing is None:
+        if self._lingering:
             return None
-        if self._parsing is not None:
-            self._closing = True  # a request cut short can never complete
+        if self._active is None and self._parsing is None and not self._queue:
+            return None
+        self._closing = True  # nothing more will come: close once the answers are out
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -563,15 +575,19 @@ class ClientConnection(asyncio.Protocol):
             ctx.access_log.log(exchange, self.peer, status, ctx.clock)
         if exchange is self._active:
             self._active = None
+        self._set_pause(PAUSE_UPSTREAM, False)
         if self._closed:
             return
         if not keep or not exchange.request_done or self._closing or ctx.shutting_down:
             if self._tunnel is None:
+                if keep and self._pending_reject:
+                    self._write(error_response(self._pending_reject, close=True))
                 self.close()
             return
         if self._queue:
             self._set_pause(PAUSE_QUEUE, False)
-            self._activate(self._queue.popleft())
+            if not self._starting:
+                self._start_queued()
         elif self._parsing is None:
             self._set_deadline(DL_IDLE, ctx.settings.idle)
         elif self._parsing.head_done:
@@ -579,25 +595,56 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._set_deadline(DL_HEADER, ctx.settings.client_header)
 
+    def _start_queued(self) -> None:
+        # A loop, not recursion: each queued request may finish at once (a 503, say).
+        self._starting = True
+        try:
+            while self._queue and self._active is None and not self._closed:
+                self._activate(self._queue.popleft())
+        finally:
+            self._starting = False
+
     def reject(self, code: int) -> None:
-        """Answer a request tdproxy refuses itself (4xx), then close the connection."""
+        """Refuse the request being read (4xx/408) and close the connection.
+
+        When an earlier request on the connection is still being answered, that answer goes
+        out first and the refusal follows it."""
         if self._closed or self.transport is None:
             return
+        self._closing = True
         exchange = self._active
+        parsing = self._parsing
         if exchange is not None and not exchange.finished:
+            if parsing is not None and parsing is not exchange:
+                self._pending_reject = code
+                self._queue.clear()
+                return
             if exchange.head_sent:
                 self.abort()
                 self._finish(exchange, exchange.status, keep=False)
                 return
-            self._closing = True
             self._respond_error(exchange, code)
             return
-        self._closing = True
         self._write(error_response(code, close=True))
         parsing = self._parsing
         if parsing is not None and self.ctx.access_log is not None:
             self.ctx.access_log.log(parsing, self.peer, code, self.ctx.clock)
-        self.close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after an error without losing it: closing a socket that still holds unread
+        request bytes sends a reset, which can destroy the response before the client reads
+        it. So half-close, discard what still arrives, and close for good after a moment."""
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self.end_batch()
+        self._lingering = True
+        self._set_pause(PAUSE_BUFFER | PAUSE_QUEUE | PAUSE_UPSTREAM, False)
+        transport.write_eof()
+        self._deadline_kind = DL_LINGER
+        self.deadline = self.ctx.clock.now + LINGER_SECONDS
 
     # -- writing to the client ----------------------------------------------------------------
 
@@ -650,7 +697,7 @@ class ClientConnection(asyncio.Protocol):
         if self.deadline > now:
             return
         kind = self._deadline_kind
-        if kind == DL_IDLE:
+        if kind in (DL_IDLE, DL_LINGER):
             self.close()
         elif kind in (DL_HEADER, DL_BODY):
             self.reject(408)

@@ -12,7 +12,9 @@ because the fault modes need byte-level control (partial heads, resets, missing 
 connection runs one loop: read a request head, pick a handler by path, let it answer, repeat while
 the connection is keep-alive. Request bodies (Content-Length or chunked) are read in pieces of at
 most ``PIECE`` bytes and hashed as they stream, never held whole. Every response carries
-``X-Backend: <name>`` and echoes ``X-Request-Id``; ``HEAD`` works on every path.
+``X-Backend: <name>`` and echoes ``X-Request-Id``; ``HEAD`` works on every path. Request parsing
+is in :mod:`tests.fakes.http1`, the deterministic bodies in :mod:`tests.fakes.bodies`, the
+WebSocket echo in :mod:`tests.fakes.websocket`.
 
 Paths (query parameters in brackets):
     /  and unknown paths   200 ``hello from <name>``
@@ -42,12 +44,8 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
-import functools
-import hashlib
 import json
 import os
-import random
-import re
 import signal
 import socket
 import struct
@@ -56,273 +54,28 @@ import termios
 import threading
 import traceback
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
-from tests.fakes.websocket import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    accept_key,
-    apply_mask,
-    close_payload,
-    encode_frame,
-    parse_first_bytes,
+from tests.fakes.bodies import PIECE, split_pieces, stream_blocks, stream_sha256
+from tests.fakes.http1 import (
+    BadRequest,
+    ClientGone,
+    HeadTooLarge,
+    Request,
+    build_request,
+    encode_head,
 )
+from tests.fakes.websocket import WebSocketEcho, accept_key
 
-PIECE = 64 * 1024  # largest piece of a body held in memory at once
 HEAD_LIMIT = 1024 * 1024  # a request head larger than this gets 431
-MAX_WS_FRAME = 16 * 1024 * 1024
 HEAD_TEST_BODY = b"0123456789" * 100
 GARBAGE = b"SSH-2.0-NotHTTP\r\n\x00\x01\x02\xfe\xff this is not an HTTP response\r\n\r\n"
 PARTIAL_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/pl"
 REQUEST_IDS_KEPT = 10_000
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VERSION = re.compile(r"^HTTP/1\.[01]$")
-_HEX = re.compile(rb"^[0-9A-Fa-f]+$")
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-
-# ---------------------------------------------------------------------------------------------
-# Deterministic bodies (importable by tests to compute what /stream and /reset-body send)
-
-
-def stream_blocks(size: int, seed: int) -> Iterator[bytes]:
-    """``size`` pseudo-random bytes from ``seed``, in blocks of ``PIECE`` bytes.
-
-    Blocks are generated whole and the last one cut, so the bytes depend on ``size`` and ``seed``
-    only (not on how they are later split) and a shorter stream is a prefix of a longer one.
-    """
-    rng = random.Random(seed)
-    remaining = size
-    while remaining > 0:
-        block = rng.randbytes(PIECE)
-        yield block if remaining >= PIECE else block[:remaining]
-        remaining -= PIECE
-
-
-def stream_body(size: int, seed: int = 0) -> bytes:
-    """The whole body ``/stream?bytes=size&seed=seed`` sends (for small sizes in tests)."""
-    return b"".join(stream_blocks(size, seed))
-
-
-@functools.lru_cache(maxsize=64)
-def stream_sha256(size: int, seed: int = 0) -> str:
-    digest = hashlib.sha256()
-    for block in stream_blocks(size, seed):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def split_pieces(blocks: Iterable[bytes], piece: int) -> Iterator[bytes]:
-    """Re-cut a stream of blocks into ``piece``-byte pieces (the last may be shorter)."""
-    pending = bytearray()
-    for block in blocks:
-        view = memoryview(block)
-        if pending:
-            need = piece - len(pending)
-            pending += view[:need]
-            view = view[need:]
-            if len(pending) < piece:
-                continue
-            yield bytes(pending)
-            pending.clear()
-        while len(view) >= piece:
-            yield bytes(view[:piece])
-            view = view[piece:]
-        pending += view
-    if pending:
-        yield bytes(pending)
-
-
-# ---------------------------------------------------------------------------------------------
-# Request parsing
-
-
-class BadRequest(Exception):
-    """The peer sent something that is not a valid HTTP/1.x request; answer 400 and close."""
-
-    status = 400
-
-
-class HeadTooLarge(BadRequest):
-    status = 431
-
-
-class ClientGone(Exception):
-    """The peer closed or reset the connection mid-request."""
-
-
-def parse_head(raw: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
-    """``(method, target, version, headers)`` from a request head ending in CRLF CRLF."""
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise BadRequest(f"malformed request line {lines[0]!r}")
-    method, target, version = parts
-    if not _TOKEN.match(method) or not target or not _VERSION.match(version):
-        raise BadRequest(f"malformed request line {lines[0]!r}")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        if line[0] in " \t":
-            raise BadRequest("obsolete line folding")  # RFC 9112 §5.2
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.match(name):  # no whitespace before the colon: RFC 9112 §5.1
-            raise BadRequest(f"malformed header line {line!r}")
-        headers.append((name, value.strip(" \t")))
-    return method, target, version, headers
-
-
-def split_target(target: str) -> tuple[str, dict[str, str]]:
-    """The path (for routing) and query of an origin-form or absolute-form request target."""
-    if target.startswith("/"):
-        path, _, query = target.partition("?")
-    elif "://" in target:
-        parts = urlsplit(target)
-        path, query = parts.path or "/", parts.query
-    else:
-        path, query = target, ""  # "*" or authority-form
-    return path, dict(parse_qsl(query, keep_blank_values=True))
-
-
-class Body:
-    """A request body, read on demand in pieces; ``consume()`` hashes it without holding it."""
-
-    __slots__ = ("_chunked", "_digest", "_reader", "_remaining", "done", "trailers")
-
-    def __init__(self, reader: asyncio.StreamReader, *, length: int, chunked: bool) -> None:
-        self._reader = reader
-        self._remaining = length
-        self._chunked = chunked
-        self._digest: tuple[int, str] | None = None
-        self.done = not chunked and length == 0
-        self.trailers: list[tuple[str, str]] = []
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        if self.done:
-            return
-        source = self._chunked_pieces() if self._chunked else self._fixed_pieces()
-        async for piece in source:
-            yield piece
-        self.done = True
-
-    async def consume(self) -> tuple[int, str]:
-        """``(length, sha256 hex)`` of the body; reads it the first time, remembers after."""
-        if self._digest is None:
-            digest = hashlib.sha256()
-            size = 0
-            async for piece in self.pieces():
-                digest.update(piece)
-                size += len(piece)
-            self._digest = (size, digest.hexdigest())
-        return self._digest
-
-    async def _fixed_pieces(self) -> AsyncIterator[bytes]:
-        while self._remaining > 0:
-            piece = await self._reader.read(min(self._remaining, PIECE))
-            if not piece:
-                raise ClientGone("body cut short")
-            self._remaining -= len(piece)
-            yield piece
-
-    async def _chunked_pieces(self) -> AsyncIterator[bytes]:
-        while True:
-            line = await self._reader.readuntil(b"\r\n")
-            size_text = line[:-2].split(b";", 1)[0].strip(b" \t")
-            if not _HEX.match(size_text):
-                raise BadRequest(f"bad chunk size line {line!r}")
-            remaining = int(size_text, 16)
-            if remaining == 0:
-                break
-            while remaining > 0:
-                piece = await self._reader.read(min(remaining, PIECE))
-                if not piece:
-                    raise ClientGone("chunk cut short")
-                remaining -= len(piece)
-                yield piece
-            if await self._reader.readexactly(2) != b"\r\n":
-                raise BadRequest("chunk data not followed by CRLF")
-        while (line := await self._reader.readuntil(b"\r\n")) != b"\r\n":
-            name, sep, value = line[:-2].decode("latin-1").partition(":")
-            if not sep or not _TOKEN.match(name):
-                raise BadRequest(f"malformed trailer line {line!r}")
-            self.trailers.append((name, value.strip(" \t")))
-
-
-@dataclass(slots=True)
-class Request:
-    method: str
-    target: str  # exactly as received
-    version: str
-    headers: list[tuple[str, str]]
-    path: str
-    query: dict[str, str]
-    keep_alive: bool
-    body: Body
-
-    def header(self, name: str) -> str | None:
-        lowered = name.lower()
-        return next((v for k, v in self.headers if k.lower() == lowered), None)
-
-    def tokens(self, name: str) -> list[str]:
-        """The comma-separated, lower-cased tokens of every ``name`` header, in order."""
-        lowered = name.lower()
-        return [
-            token.strip().lower()
-            for key, value in self.headers
-            if key.lower() == lowered
-            for token in value.split(",")
-            if token.strip()
-        ]
-
-    def int_param(self, name: str, default: int) -> int:
-        text = self.query.get(name)
-        if text is None:
-            return default
-        try:
-            return int(text)
-        except ValueError:
-            raise BadRequest(f"query parameter {name}={text!r} is not an integer") from None
-
-    @property
-    def is_head(self) -> bool:
-        return self.method == "HEAD"
-
-
-def build_request(raw: bytes, reader: asyncio.StreamReader) -> Request:
-    method, target, version, headers = parse_head(raw)
-    path, query = split_target(target)
-    probe = Request(
-        method, target, version, headers, path, query, True, Body(reader, length=0, chunked=False)
-    )
-    connection = probe.tokens("connection")
-    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    codings = probe.tokens("transfer-encoding")
-    lengths = probe.tokens("content-length")
-    if codings:
-        if codings[-1] != "chunked":
-            raise BadRequest("a request body's last transfer coding must be chunked")
-        if lengths:
-            keep_alive = False  # RFC 9112 §6.1: both present, close after the response
-        body = Body(reader, length=0, chunked=True)
-    elif lengths:
-        if len(set(lengths)) != 1 or not lengths[0].isdigit():
-            raise BadRequest(f"invalid Content-Length {lengths!r}")
-        body = Body(reader, length=int(lengths[0]), chunked=False)
-    else:
-        body = probe.body
-    probe.keep_alive = keep_alive
-    probe.body = body
-    return probe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,10 +90,11 @@ class Health:
 
 @dataclass
 class Stats:
-    """Counters for ``/_control/stats``. ``/_control`` traffic itself is never counted.
+    """Counters for ``/_control/stats``. ``/_control`` requests are never counted.
 
-    A connection whose first request is a ``/_control`` one is a control connection and is left
-    out of the connection counts, so a test's own stats queries do not disturb them.
+    Nor are control connections (those whose first request is a ``/_control`` one) in
+    ``connections_total`` and ``connections_open``, so a test's own stats queries leave the
+    counts as the proxy made them. A connection counts from its accept, before any request.
     """
 
     requests_total: int = 0
@@ -385,19 +139,6 @@ class ServerState:
 # Connections and handlers
 
 Handler = Callable[["Connection", Request], Awaitable[bool]]
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Status"
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
-
-
-def _encode_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
-    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return _status_line(status) + lines.encode("latin-1") + b"\r\n"
 
 
 def _unsent_bytes(sock: Any) -> int:
@@ -461,7 +202,7 @@ class Connection:
             except BadRequest as exc:
                 await self._reject(exc)
                 return
-            if not keep_alive or not request.keep_alive:
+            if not keep_alive:
                 return
 
     async def _read_head(self) -> bytes | None:
@@ -510,7 +251,7 @@ class Connection:
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
         ]
-        await self.send_raw(_encode_head(error.status, headers) + body)
+        await self.send_raw(encode_head(error.status, headers) + body)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -555,7 +296,7 @@ class Connection:
             body = b""
         head += headers
         head += self.connection_header(request, keep_alive)
-        await self.send_raw(_encode_head(status, head) + (b"" if request.is_head else body))
+        await self.send_raw(encode_head(status, head) + (b"" if request.is_head else body))
         return keep_alive
 
     async def respond_json(self, request: Request, payload: object, status: int = 200) -> bool:
@@ -636,7 +377,7 @@ class Connection:
         elif not wants_chunked:
             head.append(("Content-Length", str(size)))
         head += self.connection_header(request, keep_alive)
-        await self.send_raw(_encode_head(200, head))
+        await self.send_raw(encode_head(200, head))
         if request.is_head:
             return keep_alive
         for data in split_pieces(stream_blocks(size, seed), piece):
@@ -679,7 +420,7 @@ class Connection:
             blocks: Iterable[bytes] = stream_blocks(size, seed)
         else:
             blocks = [f"hello from {self.name}, until close\n".encode()]
-        await self.send_raw(_encode_head(200, [*head, ("Connection", "close")]))
+        await self.send_raw(encode_head(200, [*head, ("Connection", "close")]))
         if not request.is_head:
             for block in blocks:
                 await self.send_raw(block)
@@ -697,7 +438,7 @@ class Connection:
             ("Content-Type", "application/octet-stream"),
             ("Content-Length", str(size + 1_000_000)),
         )
-        await self.send_raw(_encode_head(200, head))
+        await self.send_raw(encode_head(200, head))
         for block in stream_blocks(size, 0):
             await self.send_raw(block)
         await self.reset()
@@ -709,7 +450,7 @@ class Connection:
             ("Content-Type", "text/plain"),
             ("Content-Length", "100"),
         )
-        await self.send_raw(_encode_head(200, head))
+        await self.send_raw(encode_head(200, head))
         return False
 
     async def hang(self, request: Request) -> bool:
@@ -745,7 +486,7 @@ class Connection:
         protocols = request.tokens("sec-websocket-protocol")
         if protocols:
             head.append(("Sec-WebSocket-Protocol", protocols[0]))
-        await self.send_raw(_encode_head(101, head))
+        await self.send_raw(encode_head(101, head))
         await WebSocketEcho(self.reader, self.writer).run()
         return False
 
@@ -797,70 +538,6 @@ ROUTES: dict[str, Handler] = {
     "/health": Connection.health,
     "/ws": Connection.websocket,
 }
-
-
-class WebSocketEcho:
-    """Echo data messages back whole; answer pings; answer a close with a close (RFC 6455)."""
-
-    __slots__ = ("reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def run(self) -> None:
-        message_opcode: int | None = None
-        fragments: list[bytes] = []
-        while True:
-            try:
-                fin, opcode, payload = await self._read_frame()
-            except _ProtocolError as exc:
-                await self._send(OP_CLOSE, close_payload(exc.code, str(exc)))
-                return
-            if opcode == OP_CLOSE:
-                await self._send(OP_CLOSE, payload[:2])
-                return
-            if opcode == OP_PING:
-                await self._send(OP_PONG, payload)
-                continue
-            if opcode == OP_PONG:
-                continue
-            if opcode in (OP_TEXT, OP_BINARY) and message_opcode is None:
-                message_opcode, fragments = opcode, [payload]
-            elif opcode == OP_CONTINUATION and message_opcode is not None:
-                fragments.append(payload)
-            else:
-                await self._send(OP_CLOSE, close_payload(1002, "unexpected opcode"))
-                return
-            if fin:
-                await self._send(message_opcode, b"".join(fragments))
-                message_opcode, fragments = None, []
-
-    async def _read_frame(self) -> tuple[bool, int, bytes]:
-        first, second = await self.reader.readexactly(2)
-        fin, opcode, masked, size = parse_first_bytes(first, second)
-        if first & 0x70:
-            raise _ProtocolError(1002, "no extension was negotiated")
-        if not masked:
-            raise _ProtocolError(1002, "client frames must be masked")
-        if size == 126:
-            size = int.from_bytes(await self.reader.readexactly(2), "big")
-        elif size == 127:
-            size = int.from_bytes(await self.reader.readexactly(8), "big")
-        if size > MAX_WS_FRAME:
-            raise _ProtocolError(1009, "frame too large")
-        mask = await self.reader.readexactly(4)
-        return fin, opcode, apply_mask(await self.reader.readexactly(size), mask)
-
-    async def _send(self, opcode: int, payload: bytes) -> None:
-        self.writer.write(encode_frame(opcode, payload))
-        await self.writer.drain()
-
-
-class _ProtocolError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Protocol, Self, TypeVar
+from typing import IO, Any, Literal, Protocol, Self, TypeVar, overload
 
 import yaml
 
@@ -97,16 +97,38 @@ def wait_until(
         time.sleep(interval)
 
 
+@overload
 async def async_wait_until(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = ...,
+    interval: float = ...,
+    *,
+    message: str = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+) -> T: ...
+
+
+@overload
+async def async_wait_until(
+    predicate: Callable[[], T],
+    timeout: float = ...,
+    interval: float = ...,
+    *,
+    message: str = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+) -> T: ...
+
+
+async def async_wait_until(
+    predicate: Callable[[], Any],
     timeout: float = 10.0,
     interval: float = 0.02,
     *,
     message: str = "condition",
     ignore: tuple[type[BaseException], ...] = (),
-) -> T:
+) -> Any:
     """:func:`wait_until` for async tests: never blocks the event loop; ``predicate`` may be
-    a plain function or return an awaitable.
+    a plain function or a coroutine function.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -117,7 +139,7 @@ async def async_wait_until(
             if isinstance(result, Awaitable):
                 result = await result
             if result:
-                return result  # type: ignore[return-value]
+                return result
             last = result
         except ignore as exc:
             last = exc
@@ -503,11 +525,9 @@ class ProxyProcess:
     def wait_for_output(self, text: str, timeout: float = 10.0, stream: Stream = "both") -> str:
         """Wait until ``text`` appears in the captured output; returns the first line holding it."""
 
-        def found() -> str | None:
-            output = self.output_text(stream)
-            if text not in output:
-                return None
-            return next(line for line in output.splitlines() if text in line)
+        def found() -> str:
+            lines = self.output_text(stream).splitlines()
+            return next((line for line in lines if text in line), "")
 
         return wait_until(found, timeout, message=f"{text!r} in tdproxy's {stream}")
 
@@ -524,7 +544,10 @@ class ProxyProcess:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def wait_ready(self, timeout: float, *, wait_admin: bool) -> None:
+    def wait_ready(self, timeout: float = 15.0, *, wait_admin: bool = False) -> None:
+        """Wait until the entrypoint (and with ``wait_admin`` the admin port) accepts
+        connections; on failure stop the process and raise ``ProcessFailed`` with its output.
+        """
         try:
             wait_for_port(self.host, self.port, timeout, alive=lambda: self.running)
             if wait_admin:
@@ -583,10 +606,11 @@ def start_tdproxy(
     timeout: float = 15.0,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    wait_admin: bool = False,
 ) -> ProxyProcess:
     """Write ``config`` to ``tmp_path/tdproxy.yaml`` (``tdproxy-2.yaml``... if taken), run
     ``python -m tdproxy run --config PATH``, and wait until the entrypoint port accepts
-    connections (and the admin port, when the config names one other than 0).
+    connections (and the admin port too with ``wait_admin``).
 
     Raises ``ProcessFailed``, with tdproxy's stderr, if it exits or is not ready in time.
     """
@@ -615,8 +639,7 @@ def start_tdproxy(
         stderr.close()
         raise
     proxy = ProxyProcess(proc, parsed, config_path, stdout_path, stderr_path, [stdout, stderr])
-    admin_port = (parsed.get("admin") or {}).get("port")
-    proxy.wait_ready(timeout, wait_admin=bool(admin_port))
+    proxy.wait_ready(timeout, wait_admin=wait_admin)
     return proxy
 
 
@@ -654,4 +677,5 @@ class ProxyFactory(Protocol):
         timeout: float = ...,
         args: Sequence[str] = ...,
         env: Mapping[str, str] | None = ...,
+        wait_admin: bool = ...,
     ) -> ProxyProcess: ...

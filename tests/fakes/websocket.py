@@ -1,13 +1,15 @@
-"""The few RFC 6455 pieces shared by the fake backend and the raw test client.
+"""The few RFC 6455 pieces the fake backend and the raw test client need.
 
-Only framing primitives live here; each side reads frames from its own kind of stream.
+Framing primitives shared by both sides, and the backend's echo loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 
+MAX_FRAME = 16 * 1024 * 1024
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONTINUATION = 0x0
@@ -63,3 +65,67 @@ def parse_first_bytes(first: int, second: int) -> tuple[bool, int, bool, int]:
 
 def close_payload(code: int, reason: str = "") -> bytes:
     return code.to_bytes(2, "big") + reason.encode("utf-8")
+
+
+class WebSocketEcho:
+    """Echo data messages back whole; answer pings; answer a close with a close (RFC 6455)."""
+
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def run(self) -> None:
+        message_opcode: int | None = None
+        fragments: list[bytes] = []
+        while True:
+            try:
+                fin, opcode, payload = await self._read_frame()
+            except _ProtocolError as exc:
+                await self._send(OP_CLOSE, close_payload(exc.code, str(exc)))
+                return
+            if opcode == OP_CLOSE:
+                await self._send(OP_CLOSE, payload[:2])
+                return
+            if opcode == OP_PING:
+                await self._send(OP_PONG, payload)
+                continue
+            if opcode == OP_PONG:
+                continue
+            if opcode in (OP_TEXT, OP_BINARY) and message_opcode is None:
+                message_opcode, fragments = opcode, [payload]
+            elif opcode == OP_CONTINUATION and message_opcode is not None:
+                fragments.append(payload)
+            else:
+                await self._send(OP_CLOSE, close_payload(1002, "unexpected opcode"))
+                return
+            if fin:
+                await self._send(message_opcode, b"".join(fragments))
+                message_opcode, fragments = None, []
+
+    async def _read_frame(self) -> tuple[bool, int, bytes]:
+        first, second = await self.reader.readexactly(2)
+        fin, opcode, masked, size = parse_first_bytes(first, second)
+        if first & 0x70:
+            raise _ProtocolError(1002, "no extension was negotiated")
+        if not masked:
+            raise _ProtocolError(1002, "client frames must be masked")
+        if size == 126:
+            size = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await self.reader.readexactly(8), "big")
+        if size > MAX_FRAME:
+            raise _ProtocolError(1009, "frame too large")
+        mask = await self.reader.readexactly(4)
+        return fin, opcode, apply_mask(await self.reader.readexactly(size), mask)
+
+    async def _send(self, opcode: int, payload: bytes) -> None:
+        self.writer.write(encode_frame(opcode, payload))
+        await self.writer.drain()
+
+
+class _ProtocolError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code

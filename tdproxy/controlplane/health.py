@@ -1,0 +1,353 @@
+"""Active health checks: a pure rise/fall state machine and the asyncio loops that feed it.
+
+Theory of operation
+-------------------
+:class:`HealthHysteresis` is I/O-free: it counts consecutive results and says when health flips
+(``fall`` failures in a row -> down, ``rise`` successes in a row -> up). :class:`HealthChecker`
+is the thin shell around it: one task per backend, first run at a random offset within the
+interval so the checks of many backends (and of many replicas) do not fire in lockstep, each
+probe bounded by ``timeout``. A flip sets the backend's :class:`BackendState`, is logged on
+``tdproxy.health`` and rebuilds the selector with ``router.refresh()``.
+
+Invariants: the :class:`BackendState` is the truth about health. A hysteresis that disagrees with
+it (the data plane marked the backend down, or disabling checks marked it up) is reset to the
+state's side with zeroed counts before the next result counts, so after a passive down exactly
+``rise`` active successes in a row bring the backend back. Loops look their target up by name in
+the router's current table every round, so a reload that changes a backend's url needs no restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from yarl import URL
+
+from tdproxy.config.model import HealthCheck
+from tdproxy.routing.router import Router
+from tdproxy.routing.state import BackendState
+from tdproxy.routing.table import Target
+
+log = logging.getLogger("tdproxy.health")
+
+BODY_LIMIT = 64 * 1024  # bytes of a health response read; the rest is dropped with the connection
+INITIAL_MARGIN = 0.5  # seconds the start-up round may take beyond ``timeout``
+USER_AGENT = "tdproxy-health-check"
+
+Result = tuple[bool, str]  # (healthy, detail such as "HTTP 500" or "connect refused")
+
+
+class HealthHysteresis:
+    """Consecutive-result thresholds for one backend (pure; no clock, no I/O)."""
+
+    __slots__ = ("failures", "fall", "healthy", "rise", "successes")
+
+    def __init__(self, fall: int, rise: int, healthy: bool = True) -> None:
+        self.fall = fall
+        self.rise = rise
+        self.healthy = healthy
+        self.successes = 0  # length of the current run of successes
+        self.failures = 0  # length of the current run of failures
+
+    def configure(self, fall: int, rise: int) -> None:
+        """New thresholds. The running counts are kept, so a reload never hides a failing run."""
+        self.fall = fall
+        self.rise = rise
+
+    def observe(self, success: bool) -> bool | None:
+        """Count one result; return the new health when it flips, else ``None``."""
+        if success:
+            self.failures = 0
+            self.successes += 1
+            if not self.healthy and self.successes >= self.rise:
+                self.healthy = True
+                return True
+        else:
+            self.successes = 0
+            self.failures += 1
+            if self.healthy and self.failures >= self.fall:
+                self.healthy = False
+                return False
+        return None
+
+    def reset(self, healthy: bool) -> None:
+        """Force a health (start-up round, passive down) and count from zero again."""
+        self.healthy = healthy
+        self.successes = 0
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        health = "up" if self.healthy else "down"
+        return (
+            f"<HealthHysteresis {health} successes={self.successes}/{self.rise} "
+            f"failures={self.failures}/{self.fall}>"
+        )
+
+
+class HealthChecker:
+    """Runs the active checks for every backend in ``router``'s current table.
+
+    ``sleep``, ``jitter`` (a number in [0, 1) scaling the first wait) and ``clock`` are injectable
+    so tests can run the loops fast or deterministically.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        config: HealthCheck,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._router = router
+        self._config = config
+        self._sleep = sleep
+        self._jitter = jitter
+        self._clock = clock
+        self._trackers: dict[str, HealthHysteresis] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._running = False
+
+    @property
+    def config(self) -> HealthCheck:
+        return self._config
+
+    @property
+    def checking(self) -> frozenset[str]:
+        """Names of the backends whose check loop is running."""
+        return frozenset(name for name, task in self._tasks.items() if not task.done())
+
+    def hysteresis(self, name: str) -> HealthHysteresis | None:
+        return self._trackers.get(name)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def initial_round(self) -> None:
+        """Check every backend once, concurrently, and set its health from that one result.
+
+        Unlike the loops, a single failure marks a backend down here: a proxy started in front
+        of a dead environment must not send it traffic for ``fall * interval`` first, and one
+        started in front of a live environment serves at once. The round is bounded by
+        ``timeout`` plus a small margin; a probe still running then counts as a timeout.
+        """
+        if not self._config.enabled:
+            return
+        targets = list(self._router.table.targets)
+        for target, (ok, detail) in zip(targets, await self._probe_all(targets), strict=True):
+            self._count(target.state, ok)
+            self._tracker(target).reset(ok)
+            self._set_health(target.state, ok, f"initial check: {detail}")
+        self._router.refresh()
+
+    def start(self) -> None:
+        """Spawn one check loop per backend of the current table (none while disabled)."""
+        self._running = True
+        self._reconcile()
+
+    async def stop(self) -> None:
+        """Cancel and await every loop, then close the HTTP client."""
+        self._running = False
+        for name in list(self._tasks):
+            self._retire(name)
+        await asyncio.gather(*list(self._retiring), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def update(self, config: HealthCheck) -> None:
+        """Apply new settings and match the loops to the router's current backends by name.
+
+        Call it after every ``router.apply()``. Disabling checks stops every loop and marks every
+        backend up, because nothing would ever bring a backend marked down back.
+        """
+        old, self._config = self._config, config
+        if not config.enabled or config.interval != old.interval:
+            # A loop asleep on the old interval would keep it for one more round.
+            for name in list(self._tasks):
+                self._retire(name)
+        if not config.enabled:
+            self._trackers.clear()
+            self._mark_all_up()
+        self._reconcile()
+
+    def passive_down(self, name: str) -> None:
+        """The data plane marked ``name`` down: only ``rise`` fresh active successes bring it back.
+
+        The caller sets the state itself (``state.set_health(False, ...)``); this only restarts
+        the count, so successes seen before the passive failure do not count toward ``rise``.
+        """
+        tracker = self._trackers.get(name)
+        if tracker is not None:
+            tracker.reset(False)
+
+    def _reconcile(self) -> None:
+        targets = self._router.table.targets if self._config.enabled else []
+        wanted = {target.name for target in targets}
+        for name in [name for name in self._tasks if name not in wanted]:
+            self._retire(name)
+        for name in [name for name in self._trackers if name not in wanted]:
+            del self._trackers[name]
+        for target in targets:
+            self._tracker(target).configure(self._config.fall, self._config.rise)
+            task = self._tasks.get(target.name)
+            if self._running and (task is None or task.done()):
+                loop = self._loop(target.name)
+                self._tasks[target.name] = asyncio.create_task(loop, name=f"health {target.name}")
+
+    def _retire(self, name: str) -> None:
+        task = self._tasks.pop(name)
+        task.cancel()
+        # Keep a reference until it has finished, so stop() can await it and nothing is GC'd.
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _loop(self, name: str) -> None:
+        await self._sleep(self._jitter() * self._config.interval)
+        while (target := self._router.table.by_name.get(name)) is not None:
+            started = self._clock()
+            ok, detail = await self.probe(target)
+            self._record(target, ok, detail)
+            # Interval is start to start, so a slow backend is not checked less often.
+            await self._sleep(max(0.0, self._config.interval - (self._clock() - started)))
+
+    # -- results -------------------------------------------------------------------------
+
+    def _tracker(self, target: Target) -> HealthHysteresis:
+        tracker = self._trackers.get(target.name)
+        if tracker is None:
+            config = self._config
+            tracker = HealthHysteresis(config.fall, config.rise, healthy=target.state.healthy)
+            self._trackers[target.name] = tracker
+        return tracker
+
+    def _record(self, target: Target, ok: bool, detail: str) -> None:
+        state = target.state
+        self._count(state, ok)
+        tracker = self._tracker(target)
+        if tracker.healthy != state.healthy:
+            # Health was changed elsewhere (passive failures, checks disabled): count afresh.
+            tracker.reset(state.healthy)
+        flipped = tracker.observe(ok)
+        if flipped is None:
+            return
+        if flipped:
+            reason = f"{tracker.successes} consecutive successes: {detail}"
+        else:
+            reason = f"{tracker.failures} consecutive failures: {detail}"
+        if self._set_health(state, flipped, reason):
+            self._router.refresh()
+
+    @staticmethod
+    def _count(state: BackendState, ok: bool) -> None:
+        state.checks["success" if ok else "failure"] += 1
+
+    @staticmethod
+    def _set_health(state: BackendState, healthy: bool, reason: str) -> bool:
+        old = "up" if state.healthy else "down"
+        if not state.set_health(healthy, reason):
+            return False
+        new = "up" if healthy else "down"
+        level = logging.INFO if healthy else logging.WARNING
+        log.log(level, "backend %s: %s -> %s (%s)", state.name, old, new, reason)
+        return True
+
+    def _mark_all_up(self) -> None:
+        targets = self._router.table.targets
+        changed = [self._set_health(t.state, True, "health checks disabled") for t in targets]
+        if any(changed):
+            self._router.refresh()
+
+    # -- probes --------------------------------------------------------------------------
+
+    async def probe(self, target: Target) -> Result:
+        """Check ``target`` once with the current settings; never raises (but for cancellation)."""
+        timeout = self._config.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                if self._config.type == "tcp":
+                    return await self._probe_tcp(target)
+                return await self._probe_http(target)
+        except TimeoutError:
+            return False, f"timeout after {timeout:g}s"
+        except Exception as exc:  # whatever stops a check is a failed check, never a dead loop
+            return False, describe_error(exc)
+
+    async def _probe_all(self, targets: list[Target]) -> list[Result]:
+        tasks = [asyncio.create_task(self.probe(target)) for target in targets]
+        try:
+            if tasks:
+                await asyncio.wait(tasks, timeout=self._config.timeout + INITIAL_MARGIN)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        late = (False, f"timeout after {self._config.timeout:g}s")
+        return [late if task.cancelled() else task.result() for task in tasks]
+
+    async def _probe_http(self, target: Target) -> Result:
+        backend = target.backend
+        # ``preserve`` has no client Host to preserve here, so send the url's authority.
+        host = target.host_header.decode("ascii") if target.host_header else backend.authority
+        # encoded=True sends the configured path exactly as written.
+        url = URL(backend.url.rstrip("/") + self._config.path, encoded=True)
+        async with self._client().get(
+            url,
+            headers={"Host": host},
+            allow_redirects=False,  # a redirect is an answer to judge, not a place to go
+            ssl=target.ssl_context or True,
+            server_hostname=target.server_hostname,
+        ) as response:
+            await _discard_body(response)
+            status = response.status
+        return self._config.accepts(status), f"HTTP {status}"
+
+    @staticmethod
+    async def _probe_tcp(target: Target) -> Result:
+        _, writer = await asyncio.open_connection(target.host, target.port)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True, "connected"
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running loop. force_close: checks hold no connections
+        # between rounds, and each round proves that a new connection can be made.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": USER_AGENT},
+            )
+        return self._session
+
+
+async def _discard_body(response: aiohttp.ClientResponse) -> None:
+    """Read and drop up to ``BODY_LIMIT`` bytes, so an endless body cannot hold the check."""
+    remaining = BODY_LIMIT
+    while remaining > 0:
+        chunk = await response.content.read(remaining)
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for a failed check: ``connect refused``, ``TLS error: ...``, ..."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS error: {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return "connect refused"
+    if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+        return f"connect failed: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
