@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tdproxy.config.model import Config
+from tdproxy.config.model import Config, duplicate_names
 
 DEFAULT_PATH = "config/tdproxy.yaml"
 ENV_VAR = "TDPROXY_CONFIG"
@@ -64,9 +64,18 @@ def _message(error: Any) -> str:
         return f"must be one of {ctx['expected']}"
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
+    if kind == "assertion_error":
+        return str(ctx.get("error", error["msg"]))
     if kind == "too_short" and error["loc"] == ("backends",):
         return "needs at least one backend"
     return str(error["msg"])
+
+
+def _line(error: Any) -> str:
+    message = _message(error)
+    if not error["loc"] and message.startswith("backends"):
+        return message  # a whole-config check that names its own key path
+    return f"{key_path(error['loc'])}: {message}"
 
 
 def _is_echo(error: Any) -> bool:
@@ -83,7 +92,11 @@ def parse_config(data: object, path: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        errors = [f"{key_path(e['loc'])}: {_message(e)}" for e in exc.errors() if not _is_echo(e)]
+        errors = [_line(e) for e in exc.errors() if not _is_echo(e)]
+        # Whole-list checks do not run while an item is invalid; report duplicates anyway.
+        for problem in duplicate_names(data.get("backends")):
+            if not any(problem in error for error in errors):
+                errors.append(problem)
         raise ConfigError(path, errors) from None
 
 

@@ -11,12 +11,32 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from tdproxy.config.durations import Duration
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*(?:-\s*(\d{3}))?\s*$")
+
+
+def duplicate_names(backends: object) -> list[str]:
+    """``backends[i].name: 'x' is used more than once`` for raw or validated backend lists."""
+    if not isinstance(backends, list | tuple):
+        return []
+    seen: dict[str, int] = {}
+    problems = []
+    for index, item in enumerate(backends):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            problems.append(
+                f"backends[{index}].name: {name!r} is used more than once "
+                f"(first at backends[{seen[name]}])"
+            )
+        else:
+            seen[name] = index
+    return problems
 
 
 class _Model(BaseModel):
@@ -52,7 +72,7 @@ class Routing(_Model):
 class Backend(_Model):
     name: str
     url: str
-    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+    weight: Annotated[int, Field(ge=0, le=1_000_000, strict=True)] = 1
     backup: bool = False
     host_header: str = "preserve"
     tls_verify: bool = True
@@ -127,6 +147,9 @@ def _parse_status(value: object) -> tuple[int, int]:
     return (low, high)
 
 
+StatusRange = Annotated[tuple[int, int], BeforeValidator(_parse_status)]
+
+
 class PassiveHealth(_Model):
     max_failures: Annotated[int, Field(ge=0)] = 3
 
@@ -139,7 +162,7 @@ class HealthCheck(_Model):
     timeout: Duration = 1.0
     fall: Annotated[int, Field(ge=1)] = 3
     rise: Annotated[int, Field(ge=1)] = 3
-    expect_status: tuple[tuple[int, int], ...] = ((200, 200),)
+    expect_status: tuple[StatusRange, ...] = ((200, 200),)
     passive: PassiveHealth = PassiveHealth()
 
     @field_validator("path")
@@ -151,11 +174,11 @@ class HealthCheck(_Model):
 
     @field_validator("expect_status", mode="before")
     @classmethod
-    def _check_expect(cls, value: object) -> tuple[tuple[int, int], ...]:
+    def _listify_expect(cls, value: object) -> object:
         items = value if isinstance(value, list | tuple) else [value]
         if not items:
             raise ValueError("needs at least one status code")
-        return tuple(_parse_status(item) for item in items)
+        return items
 
     @field_validator("interval")
     @classmethod
@@ -215,15 +238,13 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _check_backends(self) -> Config:
-        seen: set[str] = set()
-        for backend in self.backends:
-            if backend.name in seen:
-                raise ValueError(f"backend name {backend.name!r} is used more than once")
-            seen.add(backend.name)
+        duplicates = duplicate_names([{"name": b.name} for b in self.backends])
+        if duplicates:
+            raise ValueError("; ".join(duplicates))
         if self.routing.method != "failover" and not any(b.weight > 0 for b in self.backends):
-            raise ValueError("at least one backend needs a weight above 0")
+            raise ValueError("backends: at least one backend needs a weight above 0")
         if all(b.backup for b in self.backends):
-            raise ValueError("at least one backend must not be a backup")
+            raise ValueError("backends: at least one backend must not be a backup")
         return self
 
     def backend(self, name: str) -> Backend | None:

@@ -1,1 +1,1 @@
-"""Control plane: everything off the hot path (health checks, admin server, config watcher)."""
+"""Control plane: config reload, health checks, the admin server. Never on the hot path."""

@@ -1,19 +1,17 @@
 """Active health checks: a pure rise/fall state machine and the asyncio loops that feed it.
 
-Theory of operation
--------------------
-:class:`HealthHysteresis` is I/O-free: it counts consecutive results and says when health flips
-(``fall`` failures in a row -> down, ``rise`` successes in a row -> up). :class:`HealthChecker`
-is the thin shell around it: one task per backend, first run at a random offset within the
-interval so the checks of many backends (and of many replicas) do not fire in lockstep, each
-probe bounded by ``timeout``. A flip sets the backend's :class:`BackendState`, is logged on
-``tdproxy.health`` and rebuilds the selector with ``router.refresh()``.
+Theory of operation: :class:`HealthHysteresis` is I/O-free; it counts consecutive results and
+says when health flips (``fall`` failures in a row -> down, ``rise`` successes -> up).
+:class:`HealthChecker` is the thin shell around it: one task per backend, first run at a random
+offset within the interval so many backends (and replicas) are not checked in lockstep, each probe
+bounded by ``timeout``. A flip sets the :class:`BackendState`, is logged on ``tdproxy.health`` and
+rebuilds the selector (``router.refresh()``).
 
 Invariants: the :class:`BackendState` is the truth about health. A hysteresis that disagrees with
-it (the data plane marked the backend down, or disabling checks marked it up) is reset to the
-state's side with zeroed counts before the next result counts, so after a passive down exactly
-``rise`` active successes in a row bring the backend back. Loops look their target up by name in
-the router's current table every round, so a reload that changes a backend's url needs no restart.
+it (a passive down by the data plane, or checks disabled) is reset to the state's side with zeroed
+counts before the next result counts, so exactly ``rise`` active successes in a row bring a
+passively-downed backend back. Loops look their target up by name in the router's current table
+every round, so a reload that changes a backend's url needs no restart.
 """
 
 from __future__ import annotations
@@ -156,8 +154,7 @@ class HealthChecker:
     async def stop(self) -> None:
         """Cancel and await every loop, then close the HTTP client."""
         self._running = False
-        for name in list(self._tasks):
-            self._retire(name)
+        self._retire_all()
         await asyncio.gather(*list(self._retiring), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
@@ -170,14 +167,11 @@ class HealthChecker:
         backend up, because nothing would ever bring a backend marked down back.
         """
         old, self._config = self._config, config
-        if not config.enabled or config.interval != old.interval:
-            # A loop asleep on the old interval would keep it for one more round.
-            for name in list(self._tasks):
-                self._retire(name)
+        if config.interval != old.interval:
+            self._retire_all()  # a loop asleep on the old interval would keep it one more round
         if not config.enabled:
-            self._trackers.clear()
             self._mark_all_up()
-        self._reconcile()
+        self._reconcile()  # disabled: no backend is wanted, so every loop and count goes
 
     def passive_down(self, name: str) -> None:
         """The data plane marked ``name`` down: only ``rise`` fresh active successes bring it back.
@@ -202,6 +196,10 @@ class HealthChecker:
             if self._running and (task is None or task.done()):
                 loop = self._loop(target.name)
                 self._tasks[target.name] = asyncio.create_task(loop, name=f"health {target.name}")
+
+    def _retire_all(self) -> None:
+        for name in list(self._tasks):
+            self._retire(name)
 
     def _retire(self, name: str) -> None:
         task = self._tasks.pop(name)
@@ -252,12 +250,10 @@ class HealthChecker:
 
     @staticmethod
     def _set_health(state: BackendState, healthy: bool, reason: str) -> bool:
-        old = "up" if state.healthy else "down"
         if not state.set_health(healthy, reason):
             return False
-        new = "up" if healthy else "down"
-        level = logging.INFO if healthy else logging.WARNING
-        log.log(level, "backend %s: %s -> %s (%s)", state.name, old, new, reason)
+        change, level = ("down -> up", logging.INFO) if healthy else ("up -> down", logging.WARNING)
+        log.log(level, "backend %s: %s (%s)", state.name, change, reason)
         return True
 
     def _mark_all_up(self) -> None:

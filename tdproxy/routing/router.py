@@ -53,7 +53,9 @@ class Router:
 
         def pool_for(backend: Backend) -> UpstreamPool:
             key = endpoint_key(backend)
-            pool = self.pools.get(key) or UpstreamPool(key)
+            pool = self.pools.get(key)
+            if pool is None:
+                pool = UpstreamPool(key)
             pools[key] = pool
             return pool
 

@@ -202,7 +202,12 @@ class RoutingTable:
                 break
             if target not in tried:
                 return target
-        for target in self.eligible():
+        # Failover keeps one target eligible; its retries go down the list of healthy ones.
+        fallback = self.eligible()
+        if self.method == "failover":
+            fallback = [t for t in self.targets if t.state.healthy and not t.backup]
+            fallback += [t for t in self.targets if t.state.healthy and t.backup]
+        for target in fallback:
             if target not in tried:
                 return target
         return None
