@@ -5,11 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
+import time
 
+from tdproxy.config.loader import ConfigError, parse_config_text, read_config_text
 from tdproxy.config.model import Config
-from tdproxy.dataplane.context import ProxyContext
-from tdproxy.dataplane.server import Entrypoint
+from tdproxy.controlplane.admin import AdminServer
+from tdproxy.controlplane.health import HealthChecker
+from tdproxy.controlplane.reload import (
+    ConfigWatcher,
+    content_hash,
+    describe_changes,
+    restart_only_changes,
+)
+from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
+from tdproxy.dataplane.context import ProxyContext, Settings
+from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
 from tdproxy.routing.router import Router
 from tdproxy.routing.table import Target
@@ -18,24 +30,83 @@ log = logging.getLogger("tdproxy")
 
 
 class App:
+    """The whole distributor: data plane, health checks, admin server, config watcher.
+
+    It is also the admin server's ``AdminSource``: the admin reads ``router``, ``config``,
+    ``config_path`` and ``reload_history`` and calls :meth:`reload`.
+    """
+
     def __init__(
         self, config: Config, config_path: str | None = None, config_text: str | None = None
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.router = Router(config, secure_cookie=config.entrypoint.tls is not None)
+        self.reload_history = ReloadHistory()
         self.ctx: ProxyContext | None = None
         self.entrypoint: Entrypoint | None = None
+        self.health = HealthChecker(self.router, config.health_check)
+        self.admin = AdminServer()
+        self.watcher: ConfigWatcher | None = None
+        self._applied_hash = content_hash(config_text) if config_text is not None else None
+        self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+
+    # -- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        access_log = AccessLog(config.access_log.format) if config.access_log.enabled else None
-        self.ctx = ProxyContext(loop, self.router, config, access_log, self.passive_failure)
+        if config.health_check.enabled:
+            # One round before accepting: a dead environment gets no traffic from the start.
+            await self.health.initial_round()
+        self.ctx = ProxyContext(
+            loop, self.router, config, _access_log(config), self.passive_failure
+        )
         self.entrypoint = Entrypoint(self.ctx, config)
         await self.entrypoint.start()
+        self.health.start()
+        await self.admin.start(self, config.admin.address, config.admin.port)
+        if self.config_path is not None:
+            self.watcher = ConfigWatcher(self.config_path, lambda: self.reload("file"))
+            self.watcher.start()
+        self.reload_history.record(
+            ReloadOutcome(True, time.time(), "start", self.router.generation)
+        )
         log.info("routing: %s", describe_distribution(self.router))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (reloading on SIGHUP), then drain and stop."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self) -> None:
+        grace = self.config.timeouts.shutdown_grace
+        log.info("stopping: draining connections (grace %gs)", grace)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.entrypoint is not None:
+            await self.entrypoint.shutdown(grace)
+        await self.health.stop()
+        await self.admin.stop()
+        log.info("stopped")
+
+    def connections_active(self) -> int:
+        return len(self.ctx.connections) if self.ctx is not None else 0
+
+    # -- observed failures ------------------------------------------------------------------
 
     def passive_failure(self, target: Target, kind: str) -> None:
         """A connect error or timeout on real traffic; enough in a row mark the backend down."""
@@ -49,29 +120,97 @@ class App:
             False, f"{state.consecutive_failures} consecutive {kind} failures on live traffic"
         ):
             log.warning("backend %s: up -> down (%s)", state.name, state.health_reason)
+            self.health.passive_down(state.name)
             self.router.refresh()
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    # -- reload -----------------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT, then drain and stop."""
-        await self.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+    def _reload_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload("signal"))
+        self._background = task  # keep a reference until it is done
+
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        """Read the file again and apply it whole, or keep the running config and say why."""
+        async with self._reload_lock:
+            outcome = self._reload(trigger)
+            if outcome is not None:
+                self.reload_history.record(outcome)
+                return outcome
+            last = self.reload_history.last
+            assert last is not None
+            return last
+
+    def _reload(self, trigger: str) -> ReloadOutcome | None:
+        path = self.config_path
+        generation = self.router.generation
+        if path is None:
+            return _failed(
+                trigger, generation, ["no config file: this process was started without one"]
+            )
         try:
-            await self._stop.wait()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            text = read_config_text(path)
+            digest = content_hash(text)
+            if trigger == "file" and digest == self._applied_hash:
+                return None  # touched but unchanged: nothing to do
+            new = parse_config_text(text, path)
+            table, commit = self.router.prepare(new)
+            tls = new.entrypoint.tls
+            if tls is not None and self.config.entrypoint.tls is not None:
+                tls_server_context(tls.certificate, tls.key)  # fails here, before any swap
+        except ConfigError as exc:
+            log.error(
+                "reload (%s) failed, still serving generation %d:\n%s",
+                trigger,
+                generation,
+                exc.describe(),
+            )
+            return _failed(trigger, generation, [f"{exc.path}: {e}" for e in exc.errors])
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error(
+                "reload (%s) failed, still serving generation %d: %s", trigger, generation, exc
+            )
+            return _failed(trigger, generation, [f"{path}: {exc}"])
+        old = self.config
+        changes = describe_changes(old, new)
+        pending = restart_only_changes(old, new)
+        # Everything is built; from here on nothing can fail.
+        self.router.install(table, commit)
+        self._apply_settings(new)
+        self.config = new
+        self._applied_hash = digest
+        summary = "; ".join(changes) if changes else "no change"
+        log.info(
+            "config reloaded (%s), generation %d: %s -> %s",
+            trigger,
+            table.generation,
+            summary,
+            describe_distribution(self.router),
+        )
+        for item in pending:
+            log.warning("not applied until the next start: %s", item)
+        return ReloadOutcome(
+            True, time.time(), trigger, table.generation, tuple(changes), (), tuple(pending)
+        )
 
-    async def stop(self) -> None:
-        log.info("stopping: draining connections (grace %gs)", self.config.timeouts.shutdown_grace)
+    def _apply_settings(self, new: Config) -> None:
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.settings = Settings(new)
+            ctx.max_connections = new.limits.max_connections
+            if ctx.access_log is not None:
+                ctx.access_log.flush()
+            ctx.access_log = _access_log(new)
         if self.entrypoint is not None:
-            await self.entrypoint.shutdown(self.config.timeouts.shutdown_grace)
-        log.info("stopped")
+            self.entrypoint.reload_tls(new)
+        self.health.update(new.health_check)
+
+
+def _access_log(config: Config) -> AccessLog | None:
+    return AccessLog(config.access_log.format) if config.access_log.enabled else None
+
+
+def _failed(trigger: str, generation: int, errors: list[str]) -> ReloadOutcome:
+    return ReloadOutcome(False, time.time(), trigger, generation, errors=tuple(errors))
 
 
 def describe_distribution(router: Router) -> str:
