@@ -21,6 +21,7 @@ from tdproxy.controlplane.reload import (
 )
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tdproxy.dataplane.context import ProxyContext, Settings
+from tdproxy.dataplane.redirect import RedirectServer
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
 from tdproxy.routing.router import Router
@@ -45,6 +46,7 @@ class App:
         self.reload_history = ReloadHistory()
         self.ctx: ProxyContext | None = None
         self.entrypoint: Entrypoint | None = None
+        self.redirect: RedirectServer | None = None
         self.health = HealthChecker(self.router, config.health_check)
         self.admin = AdminServer()
         self.watcher: ConfigWatcher | None = None
@@ -65,6 +67,12 @@ class App:
         )
         self.entrypoint = Entrypoint(self.ctx, config)
         await self.entrypoint.start()
+        redirect_port = config.entrypoint.redirect_http_port
+        if redirect_port is not None and config.entrypoint.tls is not None:
+            self.redirect = RedirectServer(
+                config.entrypoint.address, redirect_port, self.entrypoint.port
+            )
+            await self.redirect.start()
         self.health.start()
         await self.admin.start(self, config.admin.address, config.admin.port)
         if self.config_path is not None:
@@ -97,6 +105,8 @@ class App:
         log.info("stopping: draining connections (grace %gs)", grace)
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.redirect is not None:
+            await self.redirect.stop()
         if self.entrypoint is not None:
             await self.entrypoint.shutdown(grace)
         await self.health.stop()

@@ -54,6 +54,12 @@ class Entrypoint(_Model):
     tls: EntrypointTLS | None = None
     redirect_http_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
+    @model_validator(mode="after")
+    def _redirect_needs_tls(self) -> Entrypoint:
+        if self.redirect_http_port is not None and self.tls is None:
+            raise ValueError("redirect_http_port needs tls: it redirects plain HTTP to HTTPS")
+        return self
+
 
 class Sticky(_Model):
     cookie: Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] = "TDSESSION"
