@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from tdproxy.dataplane.errors import BadResponse
 from tdproxy.dataplane.http import (
     CRLF,
     HOP_BY_HOP,
@@ -282,6 +283,10 @@ class Exchange:
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
+                    # RFC 9112 §6.1: only a final "chunked" frames the body; anything else would
+                    # reach the client still encoded, with no header to say so.
+                    if connection_tokens(value)[-1:] != [b"chunked"]:
+                        raise BadResponse("transfer-encoding other than chunked")
                     chunked = True
                 elif lname == b"connection":
                     tokens = (tokens or []) + connection_tokens(value)

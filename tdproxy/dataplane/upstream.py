@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from tdproxy.dataplane.errors import BadResponse
 from tdproxy.dataplane.pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -31,12 +32,16 @@ if TYPE_CHECKING:
 
 INF = math.inf
 log = logging.getLogger("tdproxy.upstream")
+# A backend's response head larger than this is a broken response (502), not something to buffer.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_complete",
+        "_head_bytes",
         "_headers",
+        "_in_head",
         "_keep_alive",
         "_reason",
         "_reset_parser",
@@ -68,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = INF
         self.idle_since = 0.0
         self._headers: list[tuple[bytes, bytes]] = []
+        self._in_head = False
+        self._head_bytes = 0
         self._reason = b""
         self._complete = False
         self._keep_alive = False
@@ -88,6 +95,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD + 65536:
+                client.upstream_failed(self, "protocol")
+                return
         client.begin_batch()
         try:
             self._feed(client, data)
@@ -102,8 +114,9 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             client.upstream_failed(self, "protocol")
             return
-        except httptools.HttpParserCallbackError:
-            log.exception("internal error while handling a response from %s", self.pool.key)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, BadResponse):
+                log.exception("internal error while handling a response from %s", self.pool.key)
             if self.client is client:
                 client.upstream_failed(self, "protocol")
             return
@@ -147,18 +160,24 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_RESPONSE_HEAD:
+            raise BadResponse("response head too large")
 
     def on_headers_complete(self) -> None:
         client = self.client
         if client is None:
             return
         self.deadline = INF
+        self._in_head = False
         parser = self.parser
         status = parser.get_status_code()
         self._keep_alive = parser.should_keep_alive()
