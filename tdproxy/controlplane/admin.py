@@ -29,17 +29,22 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import NamedTuple, Protocol, TypedDict
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 import tdproxy
 from tdproxy.config.model import Admin, Config
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tdproxy.controlplane.status_page import CONTENT_SECURITY_POLICY, render_status_page
-from tdproxy.observability.metrics import build_registry, estimate_quantile, exposition
-from tdproxy.observability.metrics import observed_shares
+from tdproxy.observability.metrics import (
+    build_registry,
+    estimate_quantile,
+    exposition,
+    observed_shares,
+)
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import SHARE_WINDOW_SECONDS, BackendState
 from tdproxy.routing.table import RoutingTable, Target
@@ -139,10 +144,7 @@ class Counts(NamedTuple):
         attempts = self.answered + self.retried
         return self.failed / attempts if attempts else 0.0
 
-    def minus(self, earlier: Counts | None) -> Counts:
-        # A counter that went down belongs to a new BackendState (removed, then added again).
-        if earlier is None or any(now < then for now, then in zip(self[:3], earlier[:3])):
-            return self
+    def minus(self, earlier: Counts) -> Counts:
         durations = tuple(a - b for a, b in zip(self.durations, earlier.durations, strict=True))
         return Counts(
             self.answered - earlier.answered,
@@ -152,12 +154,15 @@ class Counts(NamedTuple):
         )
 
 
+_Snapshot = dict[str, tuple[BackendState, Counts]]
+
+
 class RecentWindow:
     """Snapshots of every backend's counters over the last minute, for windowed rates."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._samples: deque[tuple[float, dict[str, Counts]]] = deque()
+        self._samples: deque[tuple[float, _Snapshot]] = deque()
 
     def sample(self, router: Router) -> None:
         now = self._clock()
@@ -166,16 +171,19 @@ class RecentWindow:
             self._samples.popleft()
 
     def recent(self, router: Router) -> dict[str, Counts]:
-        """Each backend's counts since the oldest snapshot of the window (since start at first)."""
+        """Each backend's counts since the oldest snapshot in the window (at first: since the
+        server started; for a backend added since: since it was added)."""
         baseline = self._samples[0][1] if self._samples else {}
-        return {
-            name: counts.minus(baseline.get(name))
-            for name, counts in self._snapshot(router).items()
-        }
+        recent = {}
+        for name, (state, counts) in self._snapshot(router).items():
+            then = baseline.get(name)
+            # A backend removed and added again has a new state: its counters started over.
+            recent[name] = counts.minus(then[1]) if then and then[0] is state else counts
+        return recent
 
     @staticmethod
-    def _snapshot(router: Router) -> dict[str, Counts]:
-        return {name: Counts.of(state) for name, state in router.states.items()}
+    def _snapshot(router: Router) -> _Snapshot:
+        return {name: (state, Counts.of(state)) for name, state in router.states.items()}
 
 
 def is_ready(table: RoutingTable) -> bool:
@@ -293,11 +301,9 @@ def _refusal(status: int, message: str, headers: dict[str, str] | None = None) -
     return web.json_response({"ok": False, "errors": [message]}, status=status, headers=headers)
 
 
-def _guard(source: AdminSource) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _guard(source: AdminSource) -> Middleware:
     @web.middleware
-    async def guard(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method in SAFE_METHODS:
             return await handler(request)
         origin = request.headers.get("Origin")

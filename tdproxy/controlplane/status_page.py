@@ -135,7 +135,22 @@ def _raw(value: Any) -> str:
         return ""
     if isinstance(value, list):
         return "\n".join(value)
-    return json.dumps(value) if isinstance(value, bool | int | float) else str(value)
+    if isinstance(value, float):
+        return _js_number(value)
+    return json.dumps(value) if isinstance(value, bool | int) else str(value)
+
+
+def _js_number(value: float) -> str:
+    """A float as JavaScript's ``String(number)`` writes it (integral values without ".0",
+    positional notation from 1e-7 up to 1e21)."""
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    text = repr(value)
+    if "e" in text and 1e-7 <= abs(value) < 1e21:
+        return format(Decimal(text), "f")
+    return text.replace("e-0", "e-").replace("e+0", "e+")
 
 
 def _lookup(doc: Mapping[str, Any], field: str) -> Any:
@@ -171,6 +186,8 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: .15rem 1rem; ma
 dt { color: var(--muted); }
 dd { margin: 0; }
 .lines { white-space: pre-wrap; font-family: ui-monospace, monospace; color: var(--bad); }
+.lines.pending { color: var(--muted); }
+.lines.pending[data-value=""]::before { content: "none"; }
 .result[data-value="false"] { color: var(--bad); font-weight: 600; }
 .result[data-value="true"] { color: var(--ok); font-weight: 600; }
 table { border-collapse: collapse; width: 100%; margin-top: 1rem; }
@@ -350,7 +367,7 @@ def render_row(backend: Mapping[str, Any], now: float) -> str:
         f"</div></td>"
         f"<td>{f('healthy', 'health')}<br>{f('health_changed_at', 'since')}<br>"
         f"{f('health_reason', 'reason')}</td>"
-        f"{num('in_flight')}<td class=\"num\">{f('requests')}<br>"
+        f'{num("in_flight")}<td class="num">{f("requests")}<br>'
         f"<small>errors {f('errors')}</small></td>"
         f"{num('request_rate')}{num('error_rate')}{num('p95_latency_seconds')}"
         "</tr>"
@@ -370,7 +387,10 @@ def _summary(status: Mapping[str, Any], now: float) -> str:
             f"{f('last_reload.ok', 'result')} {BLANK} {f('last_reload.summary')}"
             f"{_field('div', 'last_reload.errors', status, now, 'lines')}",
         ),
-        ("Pending restart", _field("div", "last_reload.pending_restart", status, now, "lines")),
+        (
+            "Pending restart",
+            _field("div", "last_reload.pending_restart", status, now, "lines pending"),
+        ),
         ("Connections", f("connections_active")),
         ("Uptime", f"{f('uptime_seconds')} (version {f('version')})"),
     )

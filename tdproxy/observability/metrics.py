@@ -26,7 +26,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.utils import floatToGoString
 
 import tdproxy
 from tdproxy.controlplane.reload_state import ReloadHistory
@@ -36,7 +35,8 @@ from tdproxy.routing.table import Target
 
 # Error kinds always exported (at 0 until seen), so rate() works before the first failure.
 KNOWN_ERROR_KINDS = ("connect", "timeout", "reset")
-BUCKET_LABELS = (*(floatToGoString(bound) for bound in DURATION_BUCKETS), "+Inf")
+# The ``le`` label values, written as Prometheus writes them (0.005, 1.0, +Inf).
+BUCKET_LABELS = (*(str(float(bound)) for bound in DURATION_BUCKETS), "+Inf")
 
 
 class MetricsSource(Protocol):
