@@ -448,6 +448,10 @@ class ClientConnection(asyncio.Protocol):
         if exchange is None or transport is None:
             return
         exchange.response_bytes += len(body)
+        up = exchange.upstream
+        if up is not None:
+            # A backend that stalls mid-body is cut off like one that never answers.
+            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
         if exchange.response_mode == RESP_CHUNKED:
             self._write(b"%x\r\n" % len(body))
             self._write(body)

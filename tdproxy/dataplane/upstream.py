@@ -192,6 +192,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.client.upstream_body(body)
 
     def on_message_complete(self) -> None:
+        self.deadline = INF
         parser = self.parser
         if parser.get_status_code() >= 200 and not self.head_only:
             self._keep_alive = parser.should_keep_alive()
