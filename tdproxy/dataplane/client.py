@@ -60,6 +60,10 @@ PAUSE_QUEUE = 4  # too many pipelined requests are waiting their turn
 BODY_BUFFER_LIMIT = 256 * 1024
 PIPELINE_LIMIT = 16
 REPLAY_LIMIT = 64 * 1024
+# Bytes of chunked framing allowed beyond the body: per chunk (size line, CRLFs, a short
+# extension) plus a fixed allowance for the first read and trailers.
+CHUNK_OVERHEAD_PER_CHUNK = 256
+CHUNK_OVERHEAD_BASE = 96 * 1024
 
 DL_NONE, DL_IDLE, DL_HEADER, DL_BODY, DL_LINGER = 0, 1, 2, 3, 4
 LINGER_SECONDS = 2.0
@@ -150,10 +154,20 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self.reject(400)
             return
-        if self._parsing is not None and not self._parsing.head_done:
+        parsing = self._parsing
+        if parsing is None:
+            return
+        if not parsing.head_done:
             self._head_bytes += len(data)
             if self._head_bytes > self.ctx.settings.max_head_bytes:
                 self.reject(431)
+        elif parsing.body_mode == BODY_CHUNKED:
+            # Chunk framing (sizes, extensions, trailers) is bounded too: llhttp skips chunk
+            # extensions of any length, so count what arrives beyond the body bytes themselves.
+            parsing.chunk_overhead += len(data)
+            overhead = parsing.chunk_overhead - parsing.body_received
+            if overhead > CHUNK_OVERHEAD_BASE + CHUNK_OVERHEAD_PER_CHUNK * parsing.chunks:
+                self.reject(400)
 
     def eof_received(self) -> bool | None:
         # The client finished sending. Let an answer in progress complete (half-close).
@@ -263,6 +277,11 @@ class ClientConnection(asyncio.Protocol):
             self._send_body(exchange, b"%x\r\n" % len(body) + body + CRLF)
         else:
             self._send_body(exchange, body)
+
+    def on_chunk_header(self) -> None:
+        exchange = self._parsing
+        if exchange is not None:
+            exchange.chunks += 1
 
     def on_message_complete(self) -> None:
         exchange = self._parsing

@@ -59,6 +59,8 @@ class Exchange:
         "body_buffered",
         "body_mode",
         "body_received",
+        "chunk_overhead",
+        "chunks",
         "cookie",
         "counted",
         "finished",
@@ -122,6 +124,8 @@ class Exchange:
         self.body: list[bytes] = []
         self.body_buffered = 0
         self.body_received = 0
+        self.chunks = 0
+        self.chunk_overhead = 0
         self.request_done = False
         self.replay: list[bytes] | None = []
         self.replay_bytes = 0
@@ -189,6 +193,10 @@ class Exchange:
             elif action == _LENGTH:
                 length = int(value)
             elif action == _TE:
+                # llhttp already insists on a final "chunked"; anything but exactly that one
+                # coding (odd case, other codings before it) is refused rather than re-framed.
+                if value != b"chunked":
+                    return 400
                 chunked = True
             elif action == _CONNECTION:
                 tokens = (tokens or []) + connection_tokens(value)
