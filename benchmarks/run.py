@@ -18,6 +18,7 @@ import asyncio
 import collections
 import ctypes
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -83,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also profile tdproxy under wrk load with py-spy for this long (0 = off)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -217,6 +219,10 @@ class Children:
         self._children.append(child)
         return child
 
+    def sessions(self) -> frozenset[int]:
+        """Session ids of the children (each was started as a session leader)."""
+        return frozenset(c.proc.pid for c in self._children)
+
     def stop_all(self) -> None:
         while self._children:
             self._stop(self._children.pop())
@@ -337,6 +343,65 @@ def start_targets(children: Children, tmp: Path, wanted: list[str]) -> dict[str,
     return {name: targets[name] for name in wanted}
 
 
+# --------------------------------------------------------------------------- CPU accounting
+
+OTHER_CPU_WARN = 5.0  # percent of all cores
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSnapshot:
+    busy: int  # ticks, all cores, not idle
+    total: int  # ticks, all cores
+    ours: int  # ticks used by this script, its reaped children and the target sessions
+
+
+def _system_ticks() -> tuple[int, int]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - fields[3] - fields[4], total
+
+
+def _session_ticks(sessions: frozenset[int]) -> int:
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process went away
+        if int(fields[3]) in sessions:  # field 6, the session id
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+def cpu_snapshot(sessions: frozenset[int]) -> CpuSnapshot:
+    own = os.times()
+    own_seconds = own.user + own.system + own.children_user + own.children_system
+    own_ticks = round(own_seconds * os.sysconf("SC_CLK_TCK"))
+    busy, total = _system_ticks()
+    return CpuSnapshot(busy, total, own_ticks + _session_ticks(sessions))
+
+
+def other_cpu_percent(before: CpuSnapshot, after: CpuSnapshot) -> float:
+    """CPU that processes outside the benchmark used between two snapshots, in % of all cores."""
+    other = (after.busy - before.busy) - (after.ours - before.ours)
+    return max(0.0, 100.0 * other / max(after.total - before.total, 1))
+
+
+def cpu_busy_percent(interval: float = 1.0) -> float:
+    """How busy all cores were over `interval` seconds."""
+    busy0, total0 = _system_ticks()
+    time.sleep(interval)
+    busy1, total1 = _system_ticks()
+    return 100.0 * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def check_machine_idle() -> float:
+    busy = cpu_busy_percent()
+    if busy > 10.0:
+        log(f"!! warning: the CPUs are already {busy:.0f}% busy; results will be noisy")
+    return busy
+
+
 # --------------------------------------------------------------------------- wrk
 
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -353,6 +418,7 @@ class WrkResult:
     requests: int
     non_2xx_3xx: int
     socket_errors: dict[str, int]
+    other_cpu_percent: float = 0.0  # CPU used by processes outside the benchmark, all cores
 
 
 def _duration_ms(value: str, unit: str) -> float:
@@ -390,9 +456,14 @@ def wrk_argv(args: argparse.Namespace, port: int, seconds: int) -> list[str]:
     return ["wrk", "-t", threads, "-c", conns, "-d", f"{seconds}s", "--latency", url]
 
 
-def run_wrk(args: argparse.Namespace, target: Target, seconds: int, round_no: int) -> WrkResult:
+def run_wrk(
+    args: argparse.Namespace, target: Target, seconds: int, round_no: int, ours: frozenset[int]
+) -> WrkResult:
+    """One wrk run; `ours` are the session ids whose CPU use is not counted as "other"."""
     argv = wrk_argv(args, target.port, seconds)
+    before = cpu_snapshot(ours)
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    other_cpu = other_cpu_percent(before, cpu_snapshot(ours))
     if result.returncode != 0:
         raise BenchmarkError(f"{' '.join(argv)} failed:\n{result.stdout}{result.stderr}")
     if target.child.proc.poll() is not None:
@@ -400,7 +471,8 @@ def run_wrk(args: argparse.Namespace, target: Target, seconds: int, round_no: in
             f"{target.name} died during the wrk run (exit {target.child.proc.returncode}):\n"
             f"{target.child.log_tail()}"
         )
-    return parse_wrk(result.stdout, target.name, round_no)
+    parsed = parse_wrk(result.stdout, target.name, round_no)
+    return dataclasses.replace(parsed, other_cpu_percent=round(other_cpu, 1))
 
 
 def describe(result: WrkResult) -> str:
@@ -411,19 +483,23 @@ def describe(result: WrkResult) -> str:
     errors = sum(result.socket_errors.values())
     if result.non_2xx_3xx or errors:
         text += f"  !! non-2xx/3xx {result.non_2xx_3xx}, socket errors {result.socket_errors}"
+    if result.other_cpu_percent > OTHER_CPU_WARN:
+        text += f"  !! other processes used {result.other_cpu_percent:.0f}% CPU"
     return text
 
 
-def run_rounds(args: argparse.Namespace, targets: dict[str, Target]) -> list[WrkResult]:
+def run_rounds(
+    args: argparse.Namespace, targets: dict[str, Target], ours: frozenset[int]
+) -> list[WrkResult]:
     if args.warmup > 0:
         for target in targets.values():
             log(f"warm-up: {target.name} ({args.warmup} s)")
-            run_wrk(args, target, args.warmup, 0)
+            run_wrk(args, target, args.warmup, 0, ours)
     results = []
     for round_no in range(1, args.rounds + 1):
         for target in targets.values():
             log(f"round {round_no}/{args.rounds}: {target.name} ({args.duration} s) ...")
-            result = run_wrk(args, target, args.duration, round_no)
+            result = run_wrk(args, target, args.duration, round_no, ours)
             log(f"round {round_no}/{args.rounds}: {target.name:<8} {describe(result)}")
             results.append(result)
     return results
@@ -440,6 +516,7 @@ class Summary:
     p99_ms: float
     non_2xx_3xx: int
     socket_errors: int
+    max_other_cpu_percent: float
 
 
 def summarize(results: list[WrkResult], names: list[str]) -> list[Summary]:
@@ -454,6 +531,7 @@ def summarize(results: list[WrkResult], names: list[str]) -> list[Summary]:
                 p99_ms=statistics.median(r.p99_ms for r in mine),
                 non_2xx_3xx=sum(r.non_2xx_3xx for r in mine),
                 socket_errors=sum(sum(r.socket_errors.values()) for r in mine),
+                max_other_cpu_percent=max(r.other_cpu_percent for r in mine),
             )
         )
     return summaries
@@ -471,12 +549,15 @@ def ratios(summaries: list[Summary]) -> dict[str, float]:
 
 
 def format_table(summaries: list[Summary], rounds: int) -> str:
-    head = f"{'target':<9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}"
+    head = (
+        f"{'target':<9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}"
+        f" {'other CPU':>9}"
+    )
     lines = [f"medians over {rounds} round(s):", head, "-" * len(head)]
     for s in summaries:
         lines.append(
             f"{s.target:<9} {s.requests_per_s:>9.0f} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f} "
-            f"{s.non_2xx_3xx:>8} {s.socket_errors:>8}"
+            f"{s.non_2xx_3xx:>8} {s.socket_errors:>8} {s.max_other_cpu_percent:>8.0f}%"
         )
     return "\n".join(lines)
 
@@ -512,6 +593,27 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git(*argv: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *argv], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def tdproxy_source() -> str:
+    """Which tdproxy was measured: the git commit (if any) and a hash of the package's sources."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "tdproxy").rglob("*.py")):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    commit = _git("rev-parse", "--short", "HEAD") or "no commit"
+    if _git("status", "--porcelain", "--", "tdproxy"):
+        commit += " + uncommitted changes"
+    return f"git {commit}, sources sha256 {digest.hexdigest()[:12]}"
+
+
 def machine_description() -> dict[str, str]:
     return {
         "cpu": cpu_model(),
@@ -520,29 +622,9 @@ def machine_description() -> dict[str, str]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "nginx": _first_line(["nginx", "-v"]),
         "wrk": _first_line(["wrk", "-v"]),
+        "tdproxy": tdproxy_source(),
         "note": "wrk, the backend and the proxy under test share these cores",
     }
-
-
-def _cpu_times() -> tuple[int, int]:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return idle, sum(fields[:8])
-
-
-def cpu_busy_percent(interval: float = 1.0) -> float:
-    """How busy all cores were over `interval` seconds, before this script adds any load."""
-    idle0, total0 = _cpu_times()
-    time.sleep(interval)
-    idle1, total1 = _cpu_times()
-    return 100.0 * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
-
-
-def check_machine_idle() -> float:
-    busy = cpu_busy_percent()
-    if busy > 10.0:
-        log(f"!! warning: the CPUs are already {busy:.0f}% busy; results will be noisy")
-    return busy
 
 
 def format_machine(machine: dict[str, str]) -> str:
@@ -552,11 +634,17 @@ def format_machine(machine: dict[str, str]) -> str:
 # --------------------------------------------------------------------------- idle connections
 
 
-def read_status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise BenchmarkError(f"/proc/{pid}/status has no {field}")
+def rss_kib(child: Child) -> int:
+    """VmRSS of a running child; a clear error when it has exited."""
+    if child.proc.poll() is None:
+        for line in Path(f"/proc/{child.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    child.proc.wait(STOP_TIMEOUT)
+    raise BenchmarkError(
+        f"{child.name} (pid {child.proc.pid}) is not running (exit code "
+        f"{child.proc.returncode}); its log ({child.log_path}):\n{child.log_tail()}"
+    )
 
 
 def open_fds(pid: int) -> int:
@@ -608,8 +696,9 @@ class IdleResult:
     nofile_limit: str
 
 
-async def _idle_test(pid: int, port: int, count: int) -> IdleResult:
-    rss_before, fds_before = read_status_kib(pid, "VmRSS"), open_fds(pid)
+async def _idle_test(child: Child, port: int, count: int) -> IdleResult:
+    pid = child.proc.pid
+    rss_before, fds_before = rss_kib(child), open_fds(pid)
     gate = asyncio.Semaphore(200)
     outcomes = await asyncio.gather(
         *(_open_one(port, gate) for _ in range(count)), return_exceptions=True
@@ -628,7 +717,7 @@ async def _idle_test(pid: int, port: int, count: int) -> IdleResult:
             failures=dict(failures),
             still_open=sum(1 for reader, _, _ in opened if not reader.at_eof()),
             rss_before_kib=rss_before,
-            rss_after_kib=read_status_kib(pid, "VmRSS"),
+            rss_after_kib=rss_kib(child),
             fds_before=fds_before,
             fds_after=open_fds(pid),
             nofile_limit=nofile_limit(pid),
@@ -641,9 +730,8 @@ async def _idle_test(pid: int, port: int, count: int) -> IdleResult:
 
 def idle_connection_test(target: Target, count: int) -> IdleResult:
     log(f"idle connections: opening {count} keep-alive connections to tdproxy ...")
-    result = asyncio.run(_idle_test(target.child.proc.pid, target.port, count))
-    if target.child.proc.poll() is not None:
-        raise BenchmarkError(f"tdproxy died during the idle test:\n{target.child.log_tail()}")
+    result = asyncio.run(_idle_test(target.child, target.port, count))
+    rss_kib(target.child)  # raises when tdproxy died during the test
     log(format_idle(result))
     return result
 
@@ -748,17 +836,39 @@ def format_profile(profile: Profile) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def print_report(report: dict[str, Any], summaries: list[Summary], rounds: int) -> None:
-    log("\n=== results ===")
-    log("machine:\n" + format_machine(report["machine"]))
-    log(f"CPU busy before the run (other processes): {report['cpu_busy_before_percent']}%")
-    log(f"load: {report['settings']['wrk']}")
-    log(format_table(summaries, rounds))
-    log(format_ratios(report["ratios"]))
+def report_text(report: dict[str, Any]) -> str:
+    summaries = [Summary(**s) for s in report["summary"]]
+    lines = [
+        "machine:",
+        format_machine(report["machine"]),
+        f"CPU busy before the run (other processes): {report['cpu_busy_before_percent']}%",
+        f"load: {report['settings']['wrk']}",
+        format_table(summaries, report["settings"]["rounds"]),
+        format_ratios(report["ratios"]),
+    ]
     if report["tdproxy_rss_startup_kib"]:
-        log(f"tdproxy RSS at startup: {report['tdproxy_rss_startup_kib'] / 1024:.1f} MiB")
+        lines.append(f"tdproxy RSS at startup: {report['tdproxy_rss_startup_kib'] / 1024:.1f} MiB")
     if report["idle"]:
-        log(format_idle(IdleResult(**report["idle"])))
+        lines.append(format_idle(IdleResult(**report["idle"])))
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    rounds = [describe(WrkResult(**r)) for r in report["rounds"]]
+    parts = [
+        f"# tdproxy benchmark results\n\nRun {report['date']} with `python3 benchmarks/run.py "
+        f"{report['settings']['argv']}`.\n",
+        f"```\n{report_text(report)}\n```\n",
+        "## Every round\n\n```",
+        *(
+            f"round {r['round']}: {r['target']:<8} {text}"
+            for r, text in zip(report["rounds"], rounds, strict=True)
+        ),
+        "```\n",
+    ]
+    if report["profile"]:
+        parts.append(f"## Profile\n\n```\n{format_profile(Profile(**report['profile']))}\n```\n")
+    return "\n".join(parts)
 
 
 @contextmanager
@@ -777,8 +887,8 @@ def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> dict[s
     busy_before = check_machine_idle()
     targets = start_targets(children, tmp, args.targets)
     tdproxy = targets.get("tdproxy")
-    rss_startup = read_status_kib(tdproxy.child.proc.pid, "VmRSS") if tdproxy else None
-    results = run_rounds(args, targets)
+    rss_startup = rss_kib(tdproxy.child) if tdproxy else None
+    results = run_rounds(args, targets, children.sessions())
     summaries = summarize(results, args.targets)
     idle = None
     if tdproxy and args.idle_connections > 0:
@@ -794,6 +904,7 @@ def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> dict[s
             "wrk": " ".join(wrk_argv(args, 0, args.duration)[:-1]),
             "rounds": args.rounds,
             "warmup_s": args.warmup,
+            "argv": " ".join(sys.argv[1:]),
         },
         "rounds": [dataclasses.asdict(r) for r in results],
         "summary": [dataclasses.asdict(s) for s in summaries],
@@ -802,7 +913,7 @@ def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> dict[s
         "idle": dataclasses.asdict(idle) if idle else None,
         "profile": dataclasses.asdict(profile) if profile else None,
     }
-    print_report(report, summaries, args.rounds)
+    log(f"\n=== results ===\n{report_text(report)}")
     return report
 
 
@@ -816,6 +927,9 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
             log(f"wrote {args.json}")
+        if args.markdown:
+            Path(args.markdown).write_text(report_markdown(report))
+            log(f"wrote {args.markdown}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
