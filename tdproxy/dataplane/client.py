@@ -203,12 +203,30 @@ class ClientConnection(asyncio.Protocol):
         up = self._upstream_for_io()
         if up is not None:
             up.set_reading(False)
+            # The client is slow, not the backend: no body deadline while we hold it back.
+            active = self._active
+            if active is not None and active.upstream is up and active.head_sent:
+                up.deadline = INF
 
     def resume_writing(self) -> None:
         self._write_paused = False
         up = self._upstream_for_io()
         if up is not None:
             up.set_reading(True)
+            self._body_deadline(up)
+
+    def _body_deadline(self, up: UpstreamConnection) -> None:
+        """While a response body streams, the backend must keep sending (``response_header``
+        bounds each pause), except while the client's own backpressure holds it back."""
+        exchange = self._active
+        if (
+            exchange is not None
+            and exchange.upstream is up
+            and exchange.head_sent
+            and not exchange.response_done
+            and not self._write_paused
+        ):
+            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
 
     def _upstream_for_io(self) -> UpstreamConnection | None:
         if self._tunnel is not None:
@@ -431,6 +449,8 @@ class ClientConnection(asyncio.Protocol):
         )
         exchange.head_sent = True
         self._write(head)
+        if exchange.response_mode != RESP_NONE:
+            self._body_deadline(up)
 
     def _interim(
         self,
@@ -469,8 +489,7 @@ class ClientConnection(asyncio.Protocol):
         exchange.response_bytes += len(body)
         up = exchange.upstream
         if up is not None:
-            # A backend that stalls mid-body is cut off like one that never answers.
-            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+            self._body_deadline(up)
         if exchange.response_mode == RESP_CHUNKED:
             self._write(b"%x\r\n" % len(body))
             self._write(body)
@@ -526,7 +545,7 @@ class ClientConnection(asyncio.Protocol):
         target = exchange.target_backend
         assert target is not None
         target.state.record_error(kind)
-        if kind == "timeout":
+        if kind == "timeout" and not exchange.head_sent:
             self.ctx.on_passive_failure(target, kind)
         if not exchange.head_sent:
             exchange.end_attempt()

@@ -145,6 +145,9 @@ class RoutingTable:
             self._selector = WeightedSelector([(t, 1) for t in chosen])
             return
         entries = [(t, t.weight) for t in healthy_main if t.weight > 0]
+        if not entries and healthy_main:
+            # Only drained (weight 0) backends are healthy: they serve rather than nobody.
+            entries = [(t, 1) for t in healthy_main]
         if not entries and healthy_backup:
             entries = _weighted_or_equal(healthy_backup)
         if not entries and not self.reject_when_down:
