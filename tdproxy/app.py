@@ -113,6 +113,10 @@ class App:
         await self.admin.stop()
         log.info("stopped")
 
+    @property
+    def draining(self) -> bool:
+        return self.ctx is not None and self.ctx.shutting_down
+
     def connections_active(self) -> int:
         return len(self.ctx.connections) if self.ctx is not None else 0
 
@@ -160,8 +164,10 @@ class App:
         try:
             text = read_config_text(path)
             digest = content_hash(text)
-            if trigger == "file" and digest == self._applied_hash:
-                return None  # touched but unchanged: nothing to do
+            if digest == self._applied_hash:
+                # Unchanged: nothing to rebuild. A signal or API call still re-reads the TLS
+                # files, which is how a renewed certificate is picked up.
+                return None if trigger == "file" else self._reload_unchanged(trigger)
             new = parse_config_text(text, path)
             table, commit = self.router.prepare(new)
             tls = new.entrypoint.tls
@@ -201,6 +207,14 @@ class App:
         return ReloadOutcome(
             True, time.time(), trigger, table.generation, tuple(changes), (), tuple(pending)
         )
+
+    def _reload_unchanged(self, trigger: str) -> ReloadOutcome:
+        changes = ["configuration unchanged"]
+        if self.entrypoint is not None and self.config.entrypoint.tls is not None:
+            self.entrypoint.reload_tls(self.config)
+            changes.append("TLS certificate files re-read")
+        log.info("reload (%s): %s", trigger, "; ".join(changes))
+        return ReloadOutcome(True, time.time(), trigger, self.router.generation, tuple(changes))
 
     def _apply_settings(self, new: Config) -> None:
         ctx = self.ctx

@@ -64,6 +64,9 @@ class AdminSource(Protocol):
     config_path: str | None
     reload_history: ReloadHistory
 
+    @property
+    def draining(self) -> bool: ...  # SIGTERM received: finishing in-flight work, nothing new
+
     def connections_active(self) -> int: ...
 
     async def reload(self, trigger: str) -> ReloadOutcome: ...
@@ -345,6 +348,8 @@ class _Handlers:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
+        if self.source.draining:
+            return web.Response(status=503, text="not ready: shutting down\n")
         table = self.source.router.table
         if is_ready(table):
             names = ", ".join(t.name for t in table.eligible() if t.state.healthy)

@@ -45,6 +45,7 @@ from tdproxy.dataplane.http import (
     CRLF,
     HOP_BY_HOP,
     LAST_CHUNK,
+    error_body_length,
     error_response,
     status_line,
 )
@@ -591,6 +592,7 @@ class ClientConnection(asyncio.Protocol):
         keep = exchange.keep_client and exchange.request_done and not self._closing
         if transport is not None:
             self._write(error_response(code, close=not keep))
+        exchange.response_bytes = error_body_length(code)
         up = exchange.upstream
         if up is not None:
             exchange.upstream = None

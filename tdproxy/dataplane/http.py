@@ -46,24 +46,24 @@ def status_line(code: int, reason: bytes) -> bytes:
 
 
 _REASONS = {
-    400: "malformed request",
-    403: "forbidden",
-    405: "method not allowed",
-    408: "request timed out",
-    413: "request body too large",
-    414: "request-target too long",
-    421: "misdirected request",
-    431: "request header fields too large",
+    400: "the request is malformed",
+    403: "the request is not allowed",
+    405: "tdproxy does not tunnel CONNECT",
+    408: "the request did not arrive in time",
+    413: "the request body is larger than allowed",
+    414: "the request-target is longer than allowed",
+    421: "the request was sent to the wrong server",
+    431: "the request header section is larger than allowed",
     501: "not implemented",
-    502: "bad gateway: the backend is unreachable or sent a broken response",
-    503: "service unavailable: no backend is available",
-    504: "gateway timeout: the backend did not answer in time",
+    502: "the backend is unreachable or sent a broken response",
+    503: "no backend is available",
+    504: "the backend did not answer in time",
 }
 
 
 def _error_response(code: int, close: bool) -> bytes:
     phrase = HTTPStatus(code).phrase
-    body = f"{code} {phrase}: {_REASONS.get(code, phrase.lower())}\n".encode()
+    body = f"{code} {phrase}: {_REASONS.get(code, 'error')}\n".encode()
     head = [
         f"HTTP/1.1 {code} {phrase}",
         "Content-Type: text/plain; charset=utf-8",

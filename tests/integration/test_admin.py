@@ -47,6 +47,7 @@ class FakeSource:
             ReloadOutcome(ok=True, time=time.time(), trigger="start", generation=1)
         )
         self.connections = 0
+        self.draining = False
         self.next_config: Config | None = None
         self.triggers: list[str] = []
 
@@ -495,3 +496,12 @@ async def test_stop_is_clean_and_idempotent(start: Started) -> None:
     async with aiohttp.ClientSession() as client:
         with pytest.raises(aiohttp.ClientConnectionError):
             await client.get(f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_readyz_is_503_while_draining(start: Started, session: aiohttp.ClientSession) -> None:
+    source, server = await start()
+    status, _, _ = await get(session, server.url + "/readyz")
+    assert status == 200
+    source.draining = True  # what SIGTERM sets: load balancers should stop sending now
+    status, _, text = await get(session, server.url + "/readyz")
+    assert status == 503 and "shutting down" in text

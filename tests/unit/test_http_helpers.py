@@ -148,9 +148,9 @@ def test_error_response_closes_by_default() -> None:
     ("code", "words"),
     [
         (400, b"malformed"),
-        (413, b"too large"),
-        (414, b"too long"),
-        (431, b"too large"),
+        (413, b"larger than allowed"),
+        (414, b"longer than allowed"),
+        (431, b"larger than allowed"),
         (502, b"unreachable"),
         (503, b"no backend"),
         (504, b"did not answer"),
