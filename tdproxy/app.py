@@ -41,6 +41,7 @@ class App:
         self, config: Config, config_path: str | None = None, config_text: str | None = None
     ) -> None:
         self.config = config
+        self.started_config = config  # what the listeners were bound with
         self.config_path = config_path
         self.router = Router(config, secure_cookie=config.entrypoint.tls is not None)
         self.reload_history = ReloadHistory()
@@ -166,8 +167,11 @@ class App:
             digest = content_hash(text)
             if digest == self._applied_hash:
                 # Unchanged: nothing to rebuild. A signal or API call still re-reads the TLS
-                # files, which is how a renewed certificate is picked up.
-                return None if trigger == "file" else self._reload_unchanged(trigger)
+                # files (how a renewed certificate is picked up), and a file put back after a
+                # failed edit clears that failure.
+                if trigger == "file" and self.reload_history.last_successful:
+                    return None
+                return self._reload_unchanged(trigger)
             new = parse_config_text(text, path)
             table, commit = self.router.prepare(new)
             tls = new.entrypoint.tls
@@ -188,13 +192,16 @@ class App:
             return _failed(trigger, generation, [f"{path}: {exc}"])
         old = self.config
         changes = describe_changes(old, new)
-        pending = restart_only_changes(old, new)
+        # Listeners were bound from the start-up config: compare with that, not the last file.
+        pending = restart_only_changes(self.started_config, new)
         # Everything is built; from here on nothing can fail.
         self.router.install(table, commit)
         self._apply_settings(new)
         self.config = new
         self._applied_hash = digest
-        summary = "; ".join(changes) if changes else "no change"
+        summary = "; ".join(changes) if changes else "no live change"
+        if pending:
+            summary += "; at the next start: " + "; ".join(pending)
         log.info(
             "config reloaded (%s), generation %d: %s -> %s",
             trigger,

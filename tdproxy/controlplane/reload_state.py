@@ -21,7 +21,10 @@ class ReloadOutcome:
     def summary(self) -> str:
         if not self.ok:
             return "failed: " + "; ".join(self.errors)
-        return "; ".join(self.changes) if self.changes else "no change"
+        summary = "; ".join(self.changes) if self.changes else "no change"
+        if self.pending_restart:
+            summary += "; at the next start: " + "; ".join(self.pending_restart)
+        return summary
 
 
 @dataclass

@@ -1,0 +1,428 @@
+"""The status page rendered by a real browser: Debian's headless ``chromium``, no extra Python deps.
+
+Chromium loads ``/status`` with a virtual-time budget, so the page's script runs its refreshes
+(every 2.5 s of virtual time) before ``--dump-dom`` prints the DOM as the script left it. The DOM
+is parsed with :mod:`html.parser`: every value sits in an element with ``data-field="<status JSON
+key>"`` (raw value in ``data-value``, formatted value as text), per backend inside
+``tr[data-backend=NAME]``, and is compared with ``/api/v1/status`` fetched right after.
+
+To prove the script itself renders (the server renders the same numbers into the HTML), the second
+load goes through a relay that holds the page's first ``/api/v1/status`` fetch until the test has
+applied a reload: the HTML arrived with the old generation, so the new weights and the added
+backend in the dumped DOM can only come from the script. A screenshot is saved to
+``test-artifacts/status-page.png``.
+
+Chromium comes from Debian's ``chromium`` package (``scripts/system-deps`` installs it); without it
+the test skips when not root and fails as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+
+from tests.fakes import client
+from tests.fakes.client import RawClient
+from tests.fakes.process import (
+    LOCALHOST,
+    REPO_ROOT,
+    BackendFactory,
+    ProxyFactory,
+    ProxyProcess,
+    free_port,
+    proxy_config,
+    wait_until,
+)
+
+CHROMIUM_TIMEOUT = 90.0
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+VOID_TAGS = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+)
+SHARE_TOLERANCE = 0.02  # observed shares may move a little between the page and the JSON
+
+
+def require_chromium() -> str:
+    path = shutil.which("chromium")
+    if path is not None:
+        return path
+    if os.geteuid() != 0:
+        pytest.skip("chromium is not installed (Debian package chromium; scripts/system-deps)")
+    pytest.fail("chromium is not installed: run scripts/system-deps (Debian package chromium)")
+
+
+# -- driving chromium ------------------------------------------------------------------------
+
+
+class Chromium:
+    """One headless chromium run; its process group is killed if it outlives its timeout."""
+
+    def __init__(self, binary: str, profile: Path, url: str, *action: str) -> None:
+        profile.mkdir(parents=True)
+        args = [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile / 'data'}",
+            "--virtual-time-budget=6000",
+            *action,
+            url,
+        ]
+        env = dict(os.environ, HOME=str(profile), XDG_CONFIG_HOME=str(profile / "config"))
+        env["XDG_CACHE_HOME"] = str(profile / "cache")
+        self._stderr_path = profile / "stderr.log"
+        self._stderr = self._stderr_path.open("wb")
+        try:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                env=env,
+                start_new_session=True,  # its own process group: renderer and GPU children too
+            )
+        except BaseException:
+            self._stderr.close()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.communicate()
+        self._stderr.close()
+
+    def output(self) -> str:
+        """Wait for chromium to finish and return its stdout (the DOM for ``--dump-dom``)."""
+        try:
+            stdout, _ = self._proc.communicate(timeout=CHROMIUM_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"chromium ran over {CHROMIUM_TIMEOUT}s") from None
+        stderr = self._stderr_path.read_text(errors="replace")
+        assert self._proc.returncode == 0, f"chromium exited {self._proc.returncode}:\n{stderr}"
+        return stdout.decode("utf-8")
+
+
+def dump_dom(binary: str, profile: Path, url: str) -> str:
+    with Chromium(binary, profile, url, "--dump-dom") as chromium:
+        return chromium.output()
+
+
+# -- reading the rendered page ---------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    """One ``[data-field]`` element: its raw ``data-value`` and its visible text."""
+
+    value: str
+    text: str
+
+
+class StatusDom(HTMLParser):
+    """The page's ``[data-field]`` values: top-level ones and per ``tr[data-backend]`` (rows
+    inside the ``<template>`` the script clones are skipped), and the ``#stale`` warning."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.page: dict[str, Rendered] = {}
+        self.backends: dict[str, dict[str, Rendered]] = {}
+        self.row_order: list[str] = []
+        self.stale = ""
+        self._open: list[tuple[str, dict[str, str], list[str]]] = []  # tag, attributes, text
+        self._template_depth = 0
+        self._row: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        if tag == "template":
+            self._template_depth += 1
+        if tag in VOID_TAGS:
+            return
+        self._open.append((tag, attributes, []))
+        if tag == "tr" and "data-backend" in attributes and not self._template_depth:
+            self._row = attributes["data-backend"]
+            self.row_order.append(self._row)
+            self.backends[self._row] = {}
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in VOID_TAGS:
+            self.handle_starttag(tag, attrs)
+            self.handle_endtag(tag)
+
+    def handle_data(self, data: str) -> None:
+        for _, _, text in self._open:
+            text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID_TAGS:
+            return
+        while self._open:
+            open_tag, attributes, text = self._open.pop()
+            self._close(open_tag, attributes, "".join(text))
+            if open_tag == tag:
+                break
+        if tag == "template":
+            self._template_depth -= 1
+
+    def _close(self, tag: str, attributes: dict[str, str], text: str) -> None:
+        if self._template_depth:
+            return
+        if attributes.get("id") == "stale":
+            self.stale = text
+        if tag == "tr" and "data-backend" in attributes:
+            self._row = None
+        name = attributes.get("data-field")
+        if name is None:
+            return
+        rendered = Rendered(attributes.get("data-value", ""), text)
+        if self._row is None:
+            self.page[name] = rendered
+        else:
+            self.backends[self._row][name] = rendered
+
+
+def parse_dom(html: str) -> StatusDom:
+    dom = StatusDom()
+    dom.feed(html)
+    dom.close()
+    assert dom.backends, f"no tr[data-backend] rows in the rendered page:\n{html[:2000]}"
+    return dom
+
+
+def percent(text: str) -> float:
+    assert text.endswith("%"), text
+    return float(text[:-1]) / 100
+
+
+def assert_page_matches(dom: StatusDom, doc: Mapping[str, Any]) -> None:
+    """The rendered numbers against a status document fetched just after the page."""
+    assert dom.stale == "", f"the page's script reported a failed refresh: {dom.stale}"
+    for key in ("method", "generation", "config_path"):
+        assert dom.page[key].value == str(doc[key]), (key, dom.page[key], doc[key])
+        assert dom.page[key].text == str(doc[key]), (key, dom.page[key], doc[key])
+    assert dom.page["ready"].value == str(doc["ready"]).lower()
+    assert dom.page["last_reload.ok"].value == str(doc["last_reload"]["ok"]).lower()
+    assert dom.row_order == [b["name"] for b in doc["backends"]]
+    for backend in doc["backends"]:
+        row = dom.backends[backend["name"]]
+        where = f"backend {backend['name']}: {row}"
+        assert (row["name"].text, row["url"].text) == (backend["name"], backend["url"]), where
+        assert row["weight"].value == row["weight"].text == str(backend["weight"]), where
+        configured = backend["configured_share"]
+        assert float(row["configured_share"].value) == configured, where
+        assert row["configured_share"].text == f"{configured * 100:.1f}%", where
+        observed = float(row["observed_share"].value)
+        assert observed == pytest.approx(backend["observed_share"], abs=SHARE_TOLERANCE), where
+        assert percent(row["observed_share"].text) == pytest.approx(observed, abs=0.0006), where
+        healthy = backend["healthy"]
+        assert row["healthy"].value == str(healthy).lower(), where
+        assert row["healthy"].text == ("up" if healthy else "down"), where
+        requests = int(row["requests"].value)
+        assert row["requests"].text == str(requests), where
+        assert 0 <= backend["requests"] - requests <= 5, where
+
+
+def status(proxy: ProxyProcess) -> dict[str, Any]:
+    response = client.request(proxy.admin_url + "/api/v1/status")
+    assert response.status == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def hits(proxy: ProxyProcess, count: int) -> list[str]:
+    with RawClient(proxy.host, proxy.port) as raw:
+        return [raw.request("GET", "/").header("X-Backend") or "?" for _ in range(count)]
+
+
+# -- holding the page's first refresh --------------------------------------------------------
+
+
+class HoldingRelay:
+    """A TCP relay to ``target`` that holds the first request for ``marker`` (the page's
+    refresh) until :meth:`release`; everything else passes straight through."""
+
+    def __init__(self, target: tuple[str, int], marker: bytes) -> None:
+        self.target = target
+        self.marker = marker
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._closing = threading.Event()
+        self._server = socket.create_server((LOCALHOST, 0))
+        self._server.settimeout(0.1)
+        self.url = f"http://{LOCALHOST}:{self._server.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, name="relay-accept")]
+
+    def __enter__(self) -> Self:
+        self._threads[0].start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._released.set()
+        self._closing.set()
+        self._threads[0].join(10)
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads[1:]:
+            thread.join(10)
+        for sock in self._sockets:
+            sock.close()
+        self._server.close()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                downstream, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            downstream.settimeout(None)
+            upstream = socket.create_connection(self.target)
+            self._sockets += [downstream, upstream]
+            for source, sink, watch in (
+                (downstream, upstream, True),
+                (upstream, downstream, False),
+            ):
+                pump = threading.Thread(target=self._pump, args=(source, sink, watch))
+                self._threads.append(pump)
+                pump.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, watch: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if watch and self.marker in data and not self._released.is_set():
+                    self.held.set()
+                    self._released.wait(60)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+
+# -- the test --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chromium() -> str:
+    return require_chromium()
+
+
+def backend_list(urls: Mapping[str, str], weights: Mapping[str, int]) -> list[dict[str, Any]]:
+    return [{"name": name, "url": urls[name], "weight": w} for name, w in weights.items()]
+
+
+def test_status_page_in_chromium_shows_the_status_api_numbers(
+    chromium: str,
+    backend_factory: BackendFactory,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+) -> None:
+    urls = {name: backend_factory(name).url for name in ("blue", "green", "red")}
+    urls["grey"] = f"http://{LOCALHOST}:{free_port()}"  # nothing listens: health check fails
+    initial = {"blue": 3, "green": 1, "grey": 1}
+    config = proxy_config(
+        [(name, urls[name], weight) for name, weight in initial.items()],
+        health_check={
+            "enabled": True,
+            "path": "/health",
+            "interval": "200ms",
+            "timeout": "200ms",
+            "fall": 1,
+            "rise": 1,
+        },
+    )
+    proxy = proxy_factory(config, wait_admin=True)
+    wait_until(
+        lambda: [b["healthy"] for b in status(proxy)["backends"]] == [True, True, False],
+        message="grey marked down, blue and green up",
+    )
+    assert sorted(hits(proxy, 40)) == ["blue"] * 30 + ["green"] * 10
+
+    # 1. The page as the browser shows it after its script ran, against the JSON.
+    dom = parse_dom(dump_dom(chromium, tmp_path / "first", proxy.admin_url + "/status"))
+    assert_page_matches(dom, status(proxy))
+    assert dom.backends["grey"]["healthy"].text == "down"
+    assert dom.backends["blue"]["observed_share"].text == "75.0%"
+
+    # 2. A reload that changes weights and adds a backend, applied while the page's first
+    # refresh is held: the DOM can only show it if the script fetched and rendered it.
+    changed = copy.deepcopy(config)
+    changed["backends"] = backend_list(urls, {"blue": 1, "green": 1, "grey": 1, "red": 2})
+    admin = (proxy.admin_host, proxy.admin_port)
+    with (
+        HoldingRelay(admin, b"GET /api/v1/status ") as relay,
+        Chromium(chromium, tmp_path / "second", relay.url + "/status", "--dump-dom") as run,
+    ):
+        assert relay.held.wait(CHROMIUM_TIMEOUT), "the page never asked for /api/v1/status"
+        assert status(proxy)["generation"] == 1  # the HTML went out before the reload
+        proxy.write_config(changed)
+        wait_until(lambda: status(proxy)["generation"] == 2, 10, 0.05, message="reload")
+        relay.release()
+        html = run.output()
+    dom = parse_dom(html)
+    doc = status(proxy)
+    assert_page_matches(dom, doc)
+    assert dom.page["generation"].value == "2"
+    assert {name: row["weight"].text for name, row in dom.backends.items()} == {
+        "blue": "1",
+        "green": "1",
+        "grey": "1",
+        "red": "2",
+    }
+    assert dom.backends["red"]["configured_share"].text == "40.0%"
+    assert dom.backends["red"]["healthy"].text == "up"
+
+    # 3. A screenshot for people to look at.
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "status-page.png"
+    screenshot.unlink(missing_ok=True)
+    with Chromium(
+        chromium,
+        tmp_path / "screenshot",
+        proxy.admin_url + "/status",
+        f"--screenshot={screenshot}",
+        "--window-size=1280,900",
+    ) as run:
+        run.output()
+    data = screenshot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n"), data[:16]
+    assert len(data) > 10 * 1024, f"screenshot is only {len(data)} bytes"
