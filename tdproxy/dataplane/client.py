@@ -78,14 +78,18 @@ class ClientConnection(asyncio.Protocol):
         "_closing",
         "_deadline_kind",
         "_head_bytes",
+        "_input_done",
         "_lingering",
         "_parser",
         "_parsing",
         "_pause_bits",
         "_pending_reject",
         "_queue",
+        "_resumed_body",
         "_starting",
         "_tunnel",
+        "_upgrade_wait",
+        "_upgrading",
         "_write_paused",
         "ctx",
         "deadline",
@@ -113,6 +117,10 @@ class ClientConnection(asyncio.Protocol):
         self._starting = False
         self._pending_reject = 0
         self._lingering = False
+        self._input_done = False
+        self._upgrading: Exchange | None = None
+        self._upgrade_wait: Exchange | None = None
+        self._resumed_body: Exchange | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -134,12 +142,22 @@ class ClientConnection(asyncio.Protocol):
         if tunnel is not None:
             tunnel.write(data)
             return
-        if self._closing and (
-            self._pending_reject
-            or self._lingering
-            or (self._parsing is None and self._active is None)
+        waiting = self._upgrade_wait
+        if waiting is not None:
+            # Bytes after a WebSocket handshake wait for the backend's answer to it.
+            waiting.tunnel_data += data
+            if len(waiting.tunnel_data) > BODY_BUFFER_LIMIT:
+                self._set_pause(PAUSE_BUFFER, True)
+            return
+        if self._input_done or (
+            self._closing
+            and (
+                self._pending_reject
+                or self._lingering
+                or (self._parsing is None and self._active is None)
+            )
         ):
-            return  # refused or finished: whatever else arrives is discarded
+            return  # refused, finished or told to close: whatever else arrives is discarded
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -153,7 +171,8 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(500 if self._active is None else 502)
             return
         except httptools.HttpParserError:
-            self.reject(400)
+            if not self._input_done:  # llhttp also errors on bytes after a "close" request
+                self.reject(400)
             return
         parsing = self._parsing
         if parsing is None:
@@ -175,6 +194,10 @@ class ClientConnection(asyncio.Protocol):
         if self._lingering:
             return None
         if self._active is None and self._parsing is None and not self._queue:
+            return None
+        if self._parsing is not None and self._parsing.head_done and not self._input_done:
+            # Gone in the middle of a request body: that request can never complete.
+            self.abort()
             return None
         self._closing = True  # nothing more will come: close once the answers are out
         return True
@@ -238,6 +261,13 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks (request side) -----------------------------------------------
 
     def on_message_begin(self) -> None:
+        resumed = self._resumed_body
+        if resumed is not None:
+            # The stand-in head of a body being read after an upgrade request (see
+            # _resume_parsing): the exchange exists, only its body is still to come.
+            self._resumed_body = None
+            self._parsing = resumed
+            return
         self._parsing = Exchange(self.ctx.clock.now)
         self._head_bytes = 0
         if self._active is None:
@@ -246,6 +276,8 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         exchange = self._parsing
         assert exchange is not None
+        if exchange.head_done:
+            return  # a stand-in head
         exchange.target += url
         if len(exchange.target) > self.ctx.settings.max_url_bytes:
             raise _Reject(414)
@@ -265,6 +297,8 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self._parsing
         assert exchange is not None
+        if exchange.head_done:
+            return  # a stand-in head
         parser = self._parser
         exchange.head_done = True
         code = exchange.parse_head(
@@ -277,6 +311,10 @@ class ClientConnection(asyncio.Protocol):
         )
         if code:
             raise _Reject(code)
+        if parser.should_upgrade():
+            # llhttp stops after any upgrade request, as if it had no body; see _resume_parsing.
+            self._upgrading = exchange
+            exchange.upgrade_body = exchange.body_mode != BODY_NONE
         if exchange.body_mode != BODY_NONE:
             self._set_deadline(DL_BODY, self.ctx.settings.client_body)
         if self._active is None:
@@ -305,8 +343,12 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange = self._parsing
         assert exchange is not None
+        if exchange.upgrade_body:
+            return  # its body comes through _resume_parsing
         self._parsing = None
         exchange.request_done = True
+        if not exchange.keep_alive:
+            self._input_done = True  # RFC 9112 §9.6: nothing after a "close" request counts
         if exchange.body_mode == BODY_CHUNKED:
             self._send_body(exchange, LAST_CHUNK)
         if exchange is self._active:
@@ -379,6 +421,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if exchange is not self._active or self._closed or exchange.finished:
             up.release(self.ctx.clock.now)
+            return
+        if not up.usable():
+            # Accepted, then closed before we could write: nothing was sent, try elsewhere.
+            self._connect_failed(exchange, target, "connect")
             return
         self._attach(exchange, up)
 
@@ -568,6 +614,8 @@ class ClientConnection(asyncio.Protocol):
         up.tunnel = transport
         if rest:
             self._write(rest)
+        self._upgrade_wait = None
+        self._set_pause(PAUSE_BUFFER, False)
         pending = exchange.tunnel_data
         if pending:
             up.write(pending)
@@ -576,14 +624,35 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _upgrade_requested(self, rest: bytes) -> None:
-        exchange = self._active
-        if exchange is not None and exchange.websocket:
-            # Bytes after the handshake belong to the tunnel once the backend agrees.
+        exchange = self._upgrading
+        self._upgrading = None
+        if exchange is None or exchange.finished:
+            self._resume_parsing(None, rest)
+        elif exchange.websocket:
+            # Bytes after the handshake belong to the tunnel once the backend agrees; if it
+            # declines, they are parsed as HTTP again (see _finish).
+            self._upgrade_wait = exchange
             exchange.tunnel_data = rest
         else:
-            # An upgrade we do not tunnel (h2c and friends) was answered as plain HTTP/1.1;
-            # the connection cannot go on parsing after it.
-            self._closing = True
+            # An upgrade we do not tunnel (h2c and friends) is answered as plain HTTP/1.1.
+            self._resume_parsing(exchange if exchange.upgrade_body else None, rest)
+
+    def _resume_parsing(self, body_of: Exchange | None, data: bytes) -> None:
+        """Go on parsing HTTP/1.1 with a fresh parser: llhttp will not parse past an upgrade
+        request. When that request has a body still to read, the new parser first gets a
+        stand-in head with the same framing, which the callbacks skip, so it reads the body."""
+        self._parser = httptools.HttpRequestParser(self)
+        self._set_pause(PAUSE_BUFFER, False)
+        if body_of is not None:
+            body_of.upgrade_body = False
+            self._resumed_body = body_of
+            if body_of.body_mode == BODY_CHUNKED:
+                framing = b"Transfer-Encoding: chunked"
+            else:
+                framing = b"Content-Length: %d" % body_of.content_length
+            data = b"POST / HTTP/1.1\r\nHost: -\r\n" + framing + b"\r\n\r\n" + data
+        if data:
+            self.data_received(data)
 
     # -- finishing ------------------------------------------------------------------------
 
@@ -622,6 +691,14 @@ class ClientConnection(asyncio.Protocol):
         self._set_pause(PAUSE_UPSTREAM, False)
         if self._closed:
             return
+        if self._upgrade_wait is exchange:
+            # The backend declined the WebSocket handshake: back to HTTP for what followed it.
+            self._upgrade_wait = None
+            pending, exchange.tunnel_data = exchange.tunnel_data, b""
+            if keep and not self._closing:
+                self._resume_parsing(None, pending)
+            if self._closed:
+                return
         if not keep or not exchange.request_done or self._closing or ctx.shutting_down:
             if self._tunnel is None:
                 if keep and self._pending_reject:

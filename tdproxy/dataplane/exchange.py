@@ -61,6 +61,7 @@ class Exchange:
         "body_received",
         "chunk_overhead",
         "chunks",
+        "content_length",
         "cookie",
         "counted",
         "finished",
@@ -95,6 +96,7 @@ class Exchange:
         "tried",
         "tunnel_data",
         "until_close",
+        "upgrade_body",
         "upstream",
         "user_agent",
         "version",
@@ -125,6 +127,8 @@ class Exchange:
         self.body_buffered = 0
         self.body_received = 0
         self.chunks = 0
+        self.content_length = 0
+        self.upgrade_body = False
         self.chunk_overhead = 0
         self.request_done = False
         self.replay: list[bytes] | None = []
@@ -179,7 +183,7 @@ class Exchange:
         host = upgrade_value = forwarded_for = None
         tokens: list[bytes] | None = None
         length = 0
-        chunked = False
+        has_length = chunked = False
         for lname, name, value in self.headers:
             action = _REQUEST_FIELDS.get(lname)
             if action is None:
@@ -192,6 +196,7 @@ class Exchange:
                 host = value
             elif action == _LENGTH:
                 length = int(value)
+                has_length = True
             elif action == _TE:
                 # llhttp already insists on a final "chunked"; anything but exactly that one
                 # coding (odd case, other codings before it) is refused rather than re-framed.
@@ -227,6 +232,7 @@ class Exchange:
             if limit is not None and length > limit:
                 return 413
             self.body_mode = BODY_LENGTH
+            self.content_length = length
         out = [line for _, line in lines]
         client = peer if forwarded_for is None else forwarded_for + b", " + peer
         out.append(b"X-Forwarded-For: " + client + CRLF)
@@ -234,11 +240,11 @@ class Exchange:
         if host is not None:
             out.append(b"X-Forwarded-Host: " + host + CRLF)
         out.append(b"X-Real-IP: " + peer + CRLF)
-        if self.body_mode == BODY_LENGTH:
+        if self.body_mode == BODY_LENGTH or has_length:
             out.append(b"Content-Length: %d\r\n" % length)
         elif self.body_mode == BODY_CHUNKED:
             out.append(b"Transfer-Encoding: chunked\r\n")
-        if upgrade and upgrade_value is not None and method == b"GET":
+        if upgrade and upgrade_value is not None and method == b"GET" and not self.body_mode:
             self.websocket = b"websocket" in upgrade_value.lower()
             if self.websocket:
                 out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")

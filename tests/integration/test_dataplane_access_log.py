@@ -1,0 +1,119 @@
+"""The access log: one line per request on stdout, JSON by default, ``combined`` on request,
+none at all when disabled.
+
+tdproxy writes log lines in batches a few times a second and once more when it stops, so the
+tests wait for the lines to appear (or stop the proxy first) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.client import RawClient
+from tests.fakes.process import (
+    BackendProcess,
+    ProxyProcess,
+    proxy_config,
+    start_backend,
+    start_tdproxy,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[tuple[BackendProcess, BackendProcess]]:
+    with start_backend("blue") as blue, start_backend("green") as green:
+        yield blue, green
+
+
+def start(
+    backends: tuple[BackendProcess, BackendProcess], tmp_path: Path, **access_log: Any
+) -> ProxyProcess:
+    blue, green = backends
+    config = proxy_config([("blue", blue.url, 1), ("green", green.url, 1)])
+    if access_log:
+        config["access_log"] = access_log
+    return start_tdproxy(config, tmp_path)
+
+
+Sent = list[tuple[str, str, int, str | None]]
+
+
+def send_mix(proxy: ProxyProcess) -> Sent:
+    """Four requests on one connection; returns (method, target, status, X-Backend) for each,
+    as the client saw them."""
+    sent: Sent = []
+    with RawClient(proxy.host, proxy.port) as raw:
+        for method, target, body in (
+            ("GET", "/echo?x=1", None),
+            ("POST", "/upload", b"data"),
+            ("GET", "/status/404", None),
+            ("HEAD", "/head-test", None),
+        ):
+            response = raw.request(
+                method, target, body=body, headers=[("User-Agent", "access-log-test/1.0")]
+            )
+            sent.append((method, target, response.status, response.header("X-Backend")))
+    return sent
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_json_access_log_has_one_line_per_request(
+    backends: tuple[BackendProcess, BackendProcess], tmp_path: Path
+) -> None:
+    with start(backends, tmp_path) as proxy:
+        sent = send_mix(proxy)
+        wait_until(  # written while the proxy runs, not only at its stop
+            lambda: len(json_lines(proxy.stdout_text())) >= len(sent),
+            timeout=5,
+            message="an access log line per request",
+        )
+        proxy.stop()
+        entries = json_lines(proxy.stdout_text())
+    assert len(entries) == len(sent), entries  # and no more than one line per request
+    logged = [(e["method"], e["target"], e["status"], e["backend"]) for e in entries]
+    assert logged == sent
+    assert {backend for *_, backend in sent} == {"blue", "green"}
+    for entry in entries:
+        assert entry["remote"] == "127.0.0.1"
+        assert entry["user_agent"] == "access-log-test/1.0"
+
+
+def test_disabled_access_log_prints_nothing(
+    backends: tuple[BackendProcess, BackendProcess], tmp_path: Path
+) -> None:
+    with start(backends, tmp_path, enabled=False) as proxy:
+        send_mix(proxy)
+        assert proxy.stop() == 0  # the final flush has happened, so nothing is still pending
+        assert proxy.stdout_text() == ""
+
+
+COMBINED = re.compile(
+    r"^127\.0\.0\.1 - - \[\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}\] "
+    r'"(?P<method>[A-Z]+) (?P<target>\S+) HTTP/1\.1" (?P<status>\d{3}) (?P<bytes>\d+) '
+    r'"-" "access-log-test/1\.0"'
+)
+
+
+def test_combined_access_log_format(
+    backends: tuple[BackendProcess, BackendProcess], tmp_path: Path
+) -> None:
+    with start(backends, tmp_path, format="combined") as proxy:
+        sent = send_mix(proxy)
+        proxy.stop()
+        lines = proxy.stdout_text().splitlines()
+    assert len(lines) == 4, lines
+    for line, (method, target, status, backend) in zip(lines, sent, strict=True):
+        match = COMBINED.match(line)
+        assert match, line
+        assert (match["method"], match["target"], int(match["status"])) == (method, target, status)
+        assert f" {backend} " in line[match.end() :]

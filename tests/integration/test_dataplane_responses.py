@@ -1,0 +1,250 @@
+"""Responses the fake backend cannot be told to send: hop-by-hop response fields, 1xx other
+than 100, a 101 nobody asked for, HTTP/1.0 close-delimited answers, ambiguous framing, and a
+backend that answers before it has read the request body.
+
+A scripted backend, local to this module, answers each request path with canned bytes. It
+lives here rather than in ``tests/fakes`` because it exists only for these tests: a listening
+socket on a thread, one thread per connection, each reading request heads (and skipping
+Content-Length bodies) and writing the script for the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fakes.client import RawClient
+from tests.fakes.process import ProxyProcess, proxy_config, start_tdproxy
+
+CLOSE = b"<close>"  # a script ending with this marker closes the connection after sending
+
+SCRIPTS: dict[str, bytes] = {
+    "/hop": (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: X-Secret, keep-alive\r\n"
+        b"X-Secret: do-not-forward\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Trailer: X-Checksum\r\n"
+        b"Upgrade: h2c\r\n"
+        b"X-End: kept\r\n"
+        b"Set-Cookie: a=1\r\n"
+        b"Set-Cookie: b=2\r\n"
+        b"Content-Length: 2\r\n"
+        b"\r\n"
+        b"ok"
+    ),
+    "/early-hints": (
+        b"HTTP/1.1 103 Early Hints\r\n"
+        b"Link: </style.css>; rel=preload\r\n"
+        b"\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+    ),
+    "/unasked-101": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\n"
+    ),
+    "/http10": b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end" + CLOSE,
+    "/cl-and-te": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n" + CLOSE
+    ),
+    "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello!!",
+    "/early": (
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nConnection: close\r\n\r\ndenied\n" + CLOSE
+    ),
+}
+
+
+class ScriptedBackend:
+    def __init__(self, scripts: dict[str, bytes]) -> None:
+        self.scripts = scripts
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # the listener was closed
+            with self._lock:
+                self._connections.add(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                script = self.scripts[path]
+                closing = script.endswith(CLOSE)
+                if not closing:
+                    buffer = self._skip_body(conn, head, buffer)
+                conn.sendall(script.removesuffix(CLOSE))
+                if closing:
+                    # A lingering close: unread request bytes must not turn our FIN into an RST
+                    # that could destroy the response on its way.
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.settimeout(5)
+                    while conn.recv(65536):
+                        pass
+                    return
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    @staticmethod
+    def _skip_body(conn: socket.socket, head: bytes, buffer: bytes) -> bytes:
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buffer) < length:
+            data = conn.recv(65536)
+            if not data:
+                break
+            buffer += data
+        return buffer[length:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() won't
+        self.listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedBackend]:
+    backend = ScriptedBackend(SCRIPTS)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    scripted: ScriptedBackend, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    config = proxy_config([("scripted", scripted.url, 1)], timeouts={"response_header": "5s"})
+    with start_tdproxy(config, tmp_path_factory.mktemp("responses")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(proxy: ProxyProcess) -> Iterator[RawClient]:
+    with RawClient(proxy.host, proxy.port) as raw:
+        yield raw
+
+
+def test_hop_by_hop_response_fields_are_removed(client: RawClient) -> None:
+    response = client.request("GET", "/hop")
+    assert response.status == 200
+    assert response.body == b"ok"
+    names = {name.lower() for name, _ in response.headers}
+    for hop in ("x-secret", "keep-alive", "proxy-connection", "trailer", "upgrade"):
+        assert hop not in names, (hop, response.headers)
+    assert response.header_values("Connection") in ([], ["keep-alive"])
+    assert response.header("X-End") == "kept"
+    assert response.header_values("Set-Cookie") == ["a=1", "b=2"]  # repeated fields, in order
+    assert client.request("GET", "/hop").status == 200  # the connection goes on
+
+
+def test_other_1xx_responses_are_forwarded(client: RawClient) -> None:
+    response = client.request("GET", "/early-hints")
+    assert [interim.status for interim in response.interim] == [103]
+    assert response.interim[0].header("Link") == "</style.css>; rel=preload"
+    assert (response.status, response.body) == (200, b"final")
+
+
+def test_http10_client_gets_no_other_1xx_either(client: RawClient) -> None:
+    response = client.request(
+        "GET", "/early-hints", headers=[("Connection", "keep-alive")], version="HTTP/1.0"
+    )
+    assert response.interim == []
+    assert (response.status, response.body) == (200, b"final")
+
+
+def test_an_unrequested_101_is_a_broken_response(client: RawClient, proxy: ProxyProcess) -> None:
+    response = client.request("GET", "/unasked-101")
+    assert response.status == 502
+    with RawClient(proxy.host, proxy.port) as other:
+        assert other.request("GET", "/hop").status == 200
+
+
+def test_http10_close_delimited_backend_answer_is_rechunked(client: RawClient) -> None:
+    response = client.request("GET", "/http10")
+    assert response.status == 200
+    assert response.header("Transfer-Encoding") == "chunked"
+    assert response.body == b"until the end"
+    assert client.request("GET", "/hop").body == b"ok"
+
+
+def test_content_length_and_chunked_together_are_never_both_forwarded(
+    client: RawClient,
+) -> None:
+    """RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (or the response is refused);
+    passing both on would let the client frame the body differently from the proxy."""
+    response = client.request("GET", "/cl-and-te")
+    if response.status == 200:
+        assert response.header("Content-Length") is None
+        assert response.body == b"hello"
+    else:
+        assert response.status == 502
+
+
+def test_conflicting_content_lengths_are_refused(client: RawClient) -> None:
+    assert client.request("GET", "/two-lengths").status == 502
+
+
+def test_an_answer_before_the_request_body_reaches_the_client(proxy: ProxyProcess) -> None:
+    """The backend refuses an upload after reading only its head; the client, still sending,
+    must get the 403 (and then the connection ends, since the request was never finished)."""
+    with RawClient(proxy.host, proxy.port) as raw:
+        size = 64 * 1024 * 1024
+        raw.send_request("POST", "/early", headers=[("Content-Length", str(size))])
+        stop = threading.Event()
+
+        def keep_sending() -> None:
+            piece = b"u" * 65536
+            with contextlib.suppress(OSError):
+                for _ in range(size // len(piece)):
+                    if stop.is_set():
+                        return
+                    raw.sock.sendall(piece)
+
+        sender = threading.Thread(target=keep_sending, daemon=True)
+        sender.start()
+        try:
+            response = raw.read_response()
+        finally:
+            stop.set()
+            sender.join(timeout=10)
+        assert (response.status, response.body) == (403, b"denied\n")

@@ -1,0 +1,121 @@
+"""Graceful stop: on SIGTERM (or SIGINT) tdproxy stops accepting, lets answers in progress
+finish within ``shutdown_grace``, closes idle keep-alive connections at once, and exits 0.
+
+Each test starts its own proxy, since each one ends it.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.client import RawClient
+from tests.fakes.process import (
+    BackendProcess,
+    ProxyProcess,
+    port_is_open,
+    proxy_config,
+    start_backend,
+    start_tdproxy,
+    wait_until,
+)
+
+StartProxy = Callable[[str], ProxyProcess]
+
+
+@pytest.fixture(scope="module")
+def blue() -> Iterator[BackendProcess]:
+    with start_backend("blue") as backend:
+        yield backend
+
+
+@pytest.fixture
+def start_proxy(blue: BackendProcess, tmp_path: Path) -> Iterator[StartProxy]:
+    started: list[ProxyProcess] = []
+
+    def start(grace: str) -> ProxyProcess:
+        config = proxy_config([("blue", blue.url, 1)], timeouts={"shutdown_grace": grace})
+        proxy = start_tdproxy(config, tmp_path)
+        started.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for proxy in started:
+            proxy.stop()
+
+
+def wait_for_path(backend: BackendProcess, path: str) -> None:
+    wait_until(
+        lambda: backend.stats()["requests_by_path"].get(path, 0) >= 1,
+        timeout=5,
+        message=f"{path} reached the backend",
+    )
+
+
+def test_sigterm_lets_the_request_in_flight_finish(
+    start_proxy: StartProxy, blue: BackendProcess
+) -> None:
+    proxy = start_proxy("20s")
+    blue.reset_stats()
+    with RawClient(proxy.host, proxy.port) as raw:
+        raw.send_request("GET", "/slow?ms=2000")
+        wait_for_path(blue, "/slow")
+        proxy.terminate()
+        wait_until(
+            lambda: not port_is_open(proxy.host, proxy.port, timeout=0.2),
+            timeout=2,
+            message="new connections refused",
+        )
+        assert proxy.running  # still draining: the slow answer is not out yet
+        response = raw.read_response()
+        assert response.status == 200
+        assert response.body == b"hello from blue\n"
+        assert response.header("Connection") == "close"
+        assert raw.read_until_closed(timeout=5)[0] == b""
+    assert proxy.wait(timeout=10) == 0
+
+
+def test_sigterm_with_only_idle_keep_alive_connections_exits_promptly(
+    start_proxy: StartProxy,
+) -> None:
+    proxy = start_proxy("30s")
+    clients = [RawClient(proxy.host, proxy.port) for _ in range(3)]
+    try:
+        for raw in clients:
+            assert raw.request("GET", "/").status == 200  # now idle, kept alive
+        proxy.terminate()
+        # Well under the 30 s grace: nothing was in flight.
+        assert proxy.wait(timeout=5) == 0
+        for raw in clients:
+            assert raw.read_until_closed(timeout=2)[0] == b""
+    finally:
+        for raw in clients:
+            raw.close()
+
+
+def test_sigint_stops_gracefully_too(start_proxy: StartProxy) -> None:
+    proxy = start_proxy("30s")
+    with RawClient(proxy.host, proxy.port) as raw:
+        assert raw.request("GET", "/").status == 200
+        proxy.send_signal(signal.SIGINT)
+        assert proxy.wait(timeout=5) == 0
+        assert raw.read_until_closed(timeout=2)[0] == b""
+
+
+def test_the_grace_period_bounds_the_drain(start_proxy: StartProxy, blue: BackendProcess) -> None:
+    """A request that never gets an answer is cut off once the grace is over; the exit is
+    still clean."""
+    proxy = start_proxy("1s")
+    blue.reset_stats()
+    with RawClient(proxy.host, proxy.port) as raw:
+        raw.send_request("GET", "/hang")
+        wait_for_path(blue, "/hang")
+        proxy.terminate()
+        assert proxy.wait(timeout=8) == 0
+        data, _ = raw.read_until_closed(timeout=2)
+        assert not data.startswith(b"HTTP/1.1 200")
