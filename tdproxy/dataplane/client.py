@@ -382,10 +382,10 @@ class ClientConnection(asyncio.Protocol):
         if target is None:
             self._respond_error(exchange, 503)
             return
-        if table.sticky and (
-            exchange.cookie is None or table.pinned(exchange.cookie) is not target
-        ):
-            exchange.set_cookie = target.set_cookie
+        if table.sticky:
+            exchange.set_cookie = table.sticky_cookie_for(
+                target, exchange.cookie, exchange.override
+            )
         self._dispatch(exchange, target)
 
     def _dispatch(self, exchange: Exchange, target: Target) -> None:
@@ -516,6 +516,8 @@ class ClientConnection(asyncio.Protocol):
             exchange.head_sent = True
             lines = [status_line(101, reason)]
             lines.extend(name + b": " + value + CRLF for name, value in headers)
+            if exchange.set_cookie:
+                lines.append(exchange.set_cookie)  # a WebSocket user is placed like any other
             lines.append(CRLF)
             self._write(b"".join(lines))
         elif exchange.version == "1.1":

@@ -164,20 +164,39 @@ class RoutingTable:
     def pick(self, cookie: bytes | None = None, override: bytes | None = None) -> Target | None:
         """The target for a request. ``cookie`` is the raw Cookie header, ``override`` the raw
         value of the override header; both only matter when the table is configured for them."""
+        target = self.overridden(cookie, override)
+        if target is not None:
+            return target
+        if cookie is not None and self.sticky:
+            pinned = self.pinned(cookie)
+            if pinned is not None:
+                return pinned
+        return self._selector.pick()
+
+    def overridden(self, cookie: bytes | None, override: bytes | None) -> Target | None:
+        """The backend a tester's override header or cookie names, when overrides are on."""
         if override is not None and self.override_header is not None:
             target = self.by_name.get(override.strip().decode("latin-1"))
             if target is not None:
                 return target
-        if cookie is not None:
-            if self._override_cookie is not None:
-                value = cookie_value(cookie, self._override_cookie)
-                if value is not None and (target := self.by_name.get(value.decode("latin-1"))):
-                    return target
-            if self.sticky:
-                pinned = self.pinned(cookie)
-                if pinned is not None:
-                    return pinned
-        return self._selector.pick()
+        if cookie is not None and self._override_cookie is not None:
+            value = cookie_value(cookie, self._override_cookie)
+            if value is not None:
+                return self.by_name.get(value.decode("latin-1"))
+        return None
+
+    def sticky_cookie_for(
+        self, target: Target, cookie: bytes | None, override: bytes | None
+    ) -> bytes:
+        """The Set-Cookie line a sticky answer from ``target`` needs: none when the client is
+        already pinned there, and none for an override (a tester's visit must not re-pin)."""
+        if not self.sticky:
+            return b""
+        if cookie is not None and self.pinned(cookie) is target:
+            return b""
+        if self.overridden(cookie, override) is target:
+            return b""
+        return target.set_cookie
 
     def pinned(self, cookie: bytes) -> Target | None:
         """The backend a sticky cookie pins to, if it may still serve that user."""
