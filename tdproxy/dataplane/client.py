@@ -19,45 +19,52 @@ times a second, so the per-request cost of a timeout is one float store, not a t
 Invariants: a response is never presented as complete unless it is (a broken upstream response
 after bytes have reached the client aborts the client connection); an upstream connection goes
 back to the pool only after a complete exchange in which the whole request was sent.
+
+The class is layered: :class:`~tdproxy.dataplane.client_io.ClientIO` (writing, pausing,
+deadlines, closing) -> :class:`~tdproxy.dataplane.relay.ResponseRelay` (the backend's answer back
+to the client) -> :class:`ClientConnection` (reading requests, choosing, connecting, retrying,
+finishing). Each layer is a few hundred lines that can be read on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from typing import cast
 
 import httptools
 
+from tdproxy.dataplane.client_io import (
+    DL_BODY,
+    DL_HEADER,
+    DL_IDLE,
+    DL_LINGER,
+    DL_NONE,
+    INF,
+    PAUSE_BUFFER,
+    PAUSE_QUEUE,
+    PAUSE_UPSTREAM,
+)
 from tdproxy.dataplane.context import ProxyContext
 from tdproxy.dataplane.exchange import (
     BODY_CHUNKED,
     BODY_NONE,
-    RESP_CHUNKED,
-    RESP_CLOSE,
-    RESP_NONE,
     Exchange,
 )
 from tdproxy.dataplane.http import (
     CRLF,
-    HOP_BY_HOP,
     LAST_CHUNK,
     error_body_length,
     error_response,
-    status_line,
 )
+from tdproxy.dataplane.relay import ResponseRelay
 from tdproxy.dataplane.upstream import UpstreamConnection
 from tdproxy.routing.table import Target
 
 log = logging.getLogger("tdproxy.dataplane")
 
-INF = math.inf
-PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
-PAUSE_BUFFER = 2  # body bytes are waiting for an upstream connection
-PAUSE_QUEUE = 4  # too many pipelined requests are waiting their turn
 BODY_BUFFER_LIMIT = 256 * 1024
 PIPELINE_LIMIT = 16
 REPLAY_LIMIT = 64 * 1024
@@ -66,60 +73,32 @@ REPLAY_LIMIT = 64 * 1024
 CHUNK_OVERHEAD_PER_CHUNK = 256
 CHUNK_OVERHEAD_BASE = 96 * 1024
 
-DL_NONE, DL_IDLE, DL_HEADER, DL_BODY, DL_LINGER = 0, 1, 2, 3, 4
-LINGER_SECONDS = 2.0
 
+class ClientConnection(ResponseRelay):
+    """One accepted client connection: reads requests, picks backends, answers in order."""
 
-class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "_active",
-        "_batch",
-        "_closed",
-        "_closing",
-        "_deadline_kind",
         "_head_bytes",
         "_input_done",
-        "_lingering",
         "_parser",
         "_parsing",
-        "_pause_bits",
         "_pending_reject",
         "_queue",
         "_resumed_body",
         "_starting",
-        "_tunnel",
-        "_upgrade_wait",
         "_upgrading",
-        "_write_paused",
-        "ctx",
-        "deadline",
-        "peer",
-        "transport",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
-        self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
-        self.peer = b"-"
-        self.deadline = INF
-        self._deadline_kind = DL_NONE
+        super().__init__(ctx)
         self._parser = httptools.HttpRequestParser(self)
         self._parsing: Exchange | None = None
-        self._active: Exchange | None = None
         self._queue: deque[Exchange] = deque()
-        self._tunnel: UpstreamConnection | None = None
-        self._batch: list[bytes] | None = None
         self._head_bytes = 0
-        self._pause_bits = 0
-        self._write_paused = False
-        self._closing = False
-        self._closed = False
         self._starting = False
         self._pending_reject = 0
-        self._lingering = False
         self._input_done = False
         self._upgrading: Exchange | None = None
-        self._upgrade_wait: Exchange | None = None
         self._resumed_body: Exchange | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -221,42 +200,6 @@ class ClientConnection(asyncio.Protocol):
                     up.abort()
             self._finish(active, 499 if not active.head_sent else active.status, keep=False)
         self._queue.clear()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        up = self._upstream_for_io()
-        if up is not None:
-            up.set_reading(False)
-            # The client is slow, not the backend: no body deadline while we hold it back.
-            active = self._active
-            if active is not None and active.upstream is up and active.head_sent:
-                up.deadline = INF
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        up = self._upstream_for_io()
-        if up is not None:
-            up.set_reading(True)
-            self._body_deadline(up)
-
-    def _body_deadline(self, up: UpstreamConnection) -> None:
-        """While a response body streams, the backend must keep sending (``response_header``
-        bounds each pause), except while the client's own backpressure holds it back."""
-        exchange = self._active
-        if (
-            exchange is not None
-            and exchange.upstream is up
-            and exchange.head_sent
-            and not exchange.response_done
-            and not self._write_paused
-        ):
-            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
-
-    def _upstream_for_io(self) -> UpstreamConnection | None:
-        if self._tunnel is not None:
-            return self._tunnel
-        active = self._active
-        return active.upstream if active is not None else None
 
     # -- httptools callbacks (request side) -----------------------------------------------
 
@@ -478,153 +421,6 @@ class ClientConnection(asyncio.Protocol):
         self._dispatch(exchange, target)
         return True
 
-    # -- called by the UpstreamConnection -------------------------------------------------
-
-    def upstream_head(
-        self, up: UpstreamConnection, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        exchange = self._active
-        transport = self.transport
-        if exchange is None or transport is None or exchange.upstream is not up:
-            return
-        if status < 200:
-            self._interim(exchange, up, status, reason, headers)
-            return
-        exchange.status = status
-        head = exchange.response_head(
-            status, reason, headers, self._closing or self.ctx.shutting_down
-        )
-        exchange.head_sent = True
-        self._write(head)
-        if exchange.response_mode != RESP_NONE:
-            self._body_deadline(up)
-
-    def _interim(
-        self,
-        exchange: Exchange,
-        up: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        assert self.transport is not None
-        if status == 101:
-            if not exchange.websocket:
-                self.upstream_failed(up, "protocol")
-                return
-            exchange.status = 101
-            exchange.head_sent = True
-            lines = [status_line(101, reason)]
-            lines.extend(name + b": " + value + CRLF for name, value in headers)
-            if exchange.set_cookie:
-                lines.append(exchange.set_cookie)  # a WebSocket user is placed like any other
-            lines.append(CRLF)
-            self._write(b"".join(lines))
-        elif exchange.version == "1.1":
-            lines = [status_line(status, reason)]
-            lines.extend(
-                name + b": " + value + CRLF
-                for name, value in headers
-                if name.lower() not in HOP_BY_HOP
-            )
-            lines.append(CRLF)
-            self._write(b"".join(lines))
-
-    def upstream_body(self, body: bytes) -> None:
-        exchange = self._active
-        transport = self.transport
-        if exchange is None or transport is None:
-            return
-        exchange.response_bytes += len(body)
-        up = exchange.upstream
-        if up is not None:
-            self._body_deadline(up)
-        if exchange.response_mode == RESP_CHUNKED:
-            self._write(b"%x\r\n" % len(body))
-            self._write(body)
-            self._write(CRLF)
-        elif exchange.response_mode != RESP_NONE:
-            self._write(body)
-
-    def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            up.detach()
-            return
-        if exchange.response_mode == RESP_CHUNKED and self.transport is not None:
-            self._write(LAST_CHUNK)
-        exchange.response_done = True
-        exchange.upstream = None
-        if keep_alive and exchange.request_done and exchange.response_mode != RESP_CLOSE:
-            up.release(self.ctx.clock.now)
-        else:
-            up.detach()
-        self._finish(exchange, exchange.status, keep=exchange.keep_client)
-
-    def upstream_lost(self, up: UpstreamConnection) -> None:
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            return
-        if exchange.head_sent and exchange.until_close:
-            # Read-until-close framing: the end of the connection is the end of the body.
-            self.upstream_done(up, keep_alive=False)
-            return
-        kind = "reset"
-        if up.reused and not up.got_bytes and exchange.replayable():
-            # A pooled connection the backend had already closed: try again, same backend.
-            exchange.upstream = None
-            target = exchange.target_backend
-            assert target is not None
-            exchange.tried.remove(target)
-            exchange.end_attempt()
-            exchange.body = list(exchange.replay or ())
-            exchange.replay = []
-            self._dispatch(exchange, target)
-            return
-        self.upstream_failed(up, kind)
-
-    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
-        """The upstream broke (``kind``: reset, timeout, protocol) during an exchange."""
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            up.abort()
-            return
-        exchange.upstream = None
-        up.abort()
-        target = exchange.target_backend
-        assert target is not None
-        target.state.record_error(kind)
-        if kind == "timeout" and not exchange.head_sent:
-            self.ctx.on_passive_failure(target, kind)
-        if not exchange.head_sent:
-            exchange.end_attempt()
-            if not exchange.replayed and self._retry(exchange, target, replay=True):
-                return
-            self._respond_error(exchange, 504 if kind == "timeout" else 502)
-            return
-        # Part of the response already reached the client: it must not look complete.
-        self.abort()
-        self._finish(exchange, exchange.status, keep=False)
-
-    def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> bool:
-        exchange = self._active
-        transport = self.transport
-        if exchange is None or transport is None or exchange.status != 101:
-            return False
-        exchange.upstream = None
-        self._tunnel = up
-        up.tunnel = transport
-        if rest:
-            self._write(rest)
-        self._upgrade_wait = None
-        self._set_pause(PAUSE_BUFFER, False)
-        pending = exchange.tunnel_data
-        if pending:
-            up.write(pending)
-        self._finish(exchange, 101, keep=True)
-        self._set_deadline(DL_NONE, 0.0)
-        return True
-
     def _upgrade_requested(self, rest: bytes) -> None:
         exchange = self._upgrading
         self._upgrading = None
@@ -754,61 +550,7 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.access_log.log(parsing, self.peer, code, self.ctx.clock)
         self._linger_close()
 
-    def _linger_close(self) -> None:
-        """Close after an error without losing it: closing a socket that still holds unread
-        request bytes sends a reset, which can destroy the response before the client reads
-        it. So half-close, discard what still arrives, and close for good after a moment."""
-        transport = self.transport
-        if transport is None or not transport.can_write_eof():
-            self.close()
-            return
-        self.end_batch()
-        self._lingering = True
-        self._set_pause(PAUSE_BUFFER | PAUSE_QUEUE | PAUSE_UPSTREAM, False)
-        transport.write_eof()
-        self._deadline_kind = DL_LINGER
-        self.deadline = self.ctx.clock.now + LINGER_SECONDS
-
-    # -- writing to the client ----------------------------------------------------------------
-
-    def begin_batch(self) -> None:
-        """Collect writes until :meth:`end_batch`: a response that arrives in one read (head,
-        body and end) leaves in one send."""
-        self._batch = []
-
-    def end_batch(self) -> None:
-        batch = self._batch
-        self._batch = None
-        transport = self.transport
-        if not batch or transport is None or transport.is_closing():
-            return
-        if len(batch) == 1:
-            transport.write(batch[0])
-        else:
-            transport.write(b"".join(batch))
-
-    def _write(self, data: bytes) -> None:
-        batch = self._batch
-        if batch is not None:
-            batch.append(data)
-            return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-
-    def close(self) -> None:
-        self._closing = True
-        self.deadline = INF
-        self.end_batch()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-
     # -- deadlines, pausing, shutdown -----------------------------------------------------
-
-    def _set_deadline(self, kind: int, seconds: float) -> None:
-        self._deadline_kind = kind
-        self.deadline = INF if kind == DL_NONE else self.ctx.clock.now + seconds
 
     def check_deadline(self, now: float) -> None:
         """Called by the sweeper: act on whatever deadline has passed."""
@@ -830,34 +572,11 @@ class ClientConnection(asyncio.Protocol):
         up = active.upstream if active is not None else None
         return up is not None and up.deadline <= now
 
-    def _set_pause(self, bit: int, on: bool) -> None:
-        before = self._pause_bits
-        after = before | bit if on else before & ~bit
-        if after == before:
-            return
-        self._pause_bits = after
-        transport = self.transport
-        if transport is None or self._closed:
-            return
-        if before == 0:
-            transport.pause_reading()
-        elif after == 0:
-            transport.resume_reading()
-
-    def pause_reading_for_upstream(self, on: bool) -> None:
-        self._set_pause(PAUSE_UPSTREAM, on)
-
     def shutdown(self) -> None:
         """Graceful stop: close now if idle, else after the answer in progress."""
         self._closing = True
         if self._active is None and self._parsing is None and self._tunnel is None:
             self.close()
-
-    def abort(self) -> None:
-        self._batch = None
-        transport = self.transport
-        if transport is not None:
-            transport.abort()
 
     @property
     def idle(self) -> bool:
