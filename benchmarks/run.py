@@ -104,18 +104,31 @@ def _parse_targets(parser: argparse.ArgumentParser, value: str) -> list[str]:
 # --------------------------------------------------------------------------- tools
 
 
+def _tools_found() -> bool:
+    if not shutil.which("nginx") and Path("/usr/sbin/nginx").exists():
+        os.environ["PATH"] += f"{os.pathsep}/usr/sbin"  # not on PATH for non-root users
+    return bool(shutil.which("nginx") and shutil.which("wrk"))
+
+
+def _apt_get(*argv: str) -> bool:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        return subprocess.run(["apt-get", *argv], env=env, check=False).returncode == 0
+    except OSError as exc:
+        raise BenchmarkError(f"apt-get is not available ({exc}): install nginx and wrk") from exc
+
+
 def ensure_tools() -> None:
     """Install nginx and wrk from Debian's packages when they are not on PATH."""
-    if shutil.which("nginx") and shutil.which("wrk"):
+    if _tools_found():
         return
     log("nginx or wrk missing: installing the Debian packages nginx-light and wrk")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "nginx-light", "wrk"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(install, env=env, check=False).returncode != 0:
+    install = ("install", "-y", "--no-install-recommends", "nginx-light", "wrk")
+    if not _apt_get(*install):
         log("apt-get install failed: running apt-get update, then retrying")
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
-    if not (shutil.which("nginx") and shutil.which("wrk")):
+        if not (_apt_get("update") and _apt_get(*install)):
+            raise BenchmarkError("apt-get could not install nginx-light and wrk (run as root?)")
+    if not _tools_found():
         raise BenchmarkError("nginx/wrk still not on PATH after apt-get install")
 
 
