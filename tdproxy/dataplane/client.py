@@ -501,7 +501,10 @@ class ClientConnection(ResponseRelay):
             if self._tunnel is None:
                 if keep and self._pending_reject:
                     self._write(error_response(self._pending_reject, close=True))
-                self.close()
+                if exchange.generated and not exchange.request_done:
+                    self._linger_close()  # refused mid-body: let the client read why
+                else:
+                    self.close()
             return
         if self._queue:
             self._set_pause(PAUSE_QUEUE, False)

@@ -49,6 +49,8 @@ _REQUEST_FIELDS = {
     b"user-agent": _UA,
     b"referer": _REFERER,
 }
+# What a Host value may contain (RFC 3986 reg-name / IP literal, and a port).
+_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
 # Connection options that name no field.
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
@@ -221,6 +223,8 @@ class Exchange:
             host = authority
         elif host is None and version == "1.1":
             return 400
+        if host is not None and host.translate(None, _HOST_CHARS):
+            return 400  # RFC 9112 §3.2: Host is uri-host [":" port], nothing else
         self.host = host
         if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):
             named = set(tokens)
@@ -271,12 +275,7 @@ class Exchange:
 
     def replayable(self) -> bool:
         """May this request be sent again after a backend took (some of) it?"""
-        return (
-            self.request_done
-            and self.replay is not None
-            and self.method in IDEMPOTENT_METHODS
-            and not self.websocket
-        )
+        return self.request_done and self.replay is not None and self.method in IDEMPOTENT_METHODS
 
     def end_attempt(self) -> None:
         """The current backend no longer holds this request: it leaves its in-flight count."""
@@ -297,9 +296,9 @@ class Exchange:
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
-                    # RFC 9112 §6.1: only a final "chunked" frames the body; anything else would
-                    # reach the client still encoded, with no header to say so.
-                    if connection_tokens(value)[-1:] != [b"chunked"]:
+                    # RFC 9112 §6.1: tdproxy decodes "chunked" and re-frames the body; any other
+                    # coding would reach the client still applied, with no header to say so.
+                    if connection_tokens(value) != [b"chunked"]:
                         raise BadResponse("transfer-encoding other than chunked")
                     chunked = True
                 elif lname == b"connection":

@@ -114,15 +114,18 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             client.upstream_failed(self, "protocol")
             return
-        except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, BadResponse):
-                log.exception("internal error while handling a response from %s", self.pool.key)
-            if self.client is client:
-                client.upstream_failed(self, "protocol")
-            return
-        except httptools.HttpParserError:
-            client.upstream_failed(self, "protocol")
-            return
+        except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
+            if not self._complete:
+                if not isinstance(exc.__context__, BadResponse) and isinstance(
+                    exc, httptools.HttpParserCallbackError
+                ):
+                    log.exception("internal error handling a response from %s", self.pool.key)
+                if self.client is client:
+                    client.upstream_failed(self, "protocol")
+                return
+            # The response was complete, but the backend sent more after it: deliver what was
+            # answered and never reuse this connection (the rest would reach another client).
+            self._keep_alive = False
         if self._complete:
             self._complete = False
             if self._reset_parser:
@@ -158,6 +161,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:
+            raise BadResponse("bytes after the end of a response")
         self._headers = []
         self._reason = b""
         self._in_head = True

@@ -23,6 +23,16 @@ from tests.fakes.process import ProxyProcess, proxy_config, start_tdproxy
 CLOSE = b"<close>"  # a script ending with this marker closes the connection after sending
 
 SCRIPTS: dict[str, bytes] = {
+    # A complete answer, then the start of another in the same write: the tail must never reach
+    # whoever uses the connection next.
+    "/spliced": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: planted=1\r\nX-Swallow: "
+    ),
+    # A transfer coding tdproxy does not decode: forwarding it as plain chunked would corrupt it.
+    "/gzip-te": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ),
     "/hop": (
         b"HTTP/1.1 200 OK\r\n"
         b"Connection: X-Secret, keep-alive\r\n"
@@ -248,3 +258,20 @@ def test_an_answer_before_the_request_body_reaches_the_client(proxy: ProxyProces
             stop.set()
             sender.join(timeout=10)
         assert (response.status, response.body) == (403, b"denied\n")
+
+
+def test_bytes_after_a_complete_answer_never_reach_the_next_client(proxy: ProxyProcess) -> None:
+    with RawClient(proxy.host, proxy.port) as first:
+        response = first.request("GET", "/spliced")
+        assert (response.status, response.body) == (200, b"hi")
+    for _ in range(3):  # other clients, on connections tdproxy may pool
+        with RawClient(proxy.host, proxy.port) as other:
+            response = other.request("GET", "/hop")
+            assert response.status == 200
+            assert "planted=1" not in response.header_values("Set-Cookie"), response.headers
+            assert response.header("X-Swallow") is None
+
+
+def test_a_transfer_coding_other_than_chunked_is_a_broken_response(client: RawClient) -> None:
+    response = client.request("GET", "/gzip-te")
+    assert response.status == 502
