@@ -78,6 +78,7 @@ class ClientConnection(ResponseRelay):
     """One accepted client connection: reads requests, picks backends, answers in order."""
 
     __slots__ = (
+        "_dispatch_pending",
         "_head_bytes",
         "_input_done",
         "_parser",
@@ -98,6 +99,7 @@ class ClientConnection(ResponseRelay):
         self._starting = False
         self._pending_reject = 0
         self._input_done = False
+        self._dispatch_pending = False
         self._upgrading: Exchange | None = None
         self._resumed_body: Exchange | None = None
 
@@ -140,6 +142,8 @@ class ClientConnection(ResponseRelay):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            if self._dispatch_pending:
+                self._dispatch_deferred()
             self._upgrade_requested(data[upgrade.args[0] :])
             return
         except httptools.HttpParserCallbackError as exc:
@@ -153,6 +157,8 @@ class ClientConnection(ResponseRelay):
             if not self._input_done:  # llhttp also errors on bytes after a "close" request
                 self.reject(400)
             return
+        if self._dispatch_pending:
+            self._dispatch_deferred()
         parsing = self._parsing
         if parsing is None:
             return
@@ -167,6 +173,12 @@ class ClientConnection(ResponseRelay):
             overhead = parsing.chunk_overhead - parsing.body_received
             if overhead > CHUNK_OVERHEAD_BASE + CHUNK_OVERHEAD_PER_CHUNK * parsing.chunks:
                 self.reject(400)
+
+    def _dispatch_deferred(self) -> None:
+        self._dispatch_pending = False
+        active = self._active
+        if active is not None and active.table is None and not active.finished:
+            self._activate(active)
 
     def eof_received(self) -> bool | None:
         # The client finished sending. Let an answer in progress complete (half-close).
@@ -261,7 +273,10 @@ class ClientConnection(ResponseRelay):
         if exchange.body_mode != BODY_NONE:
             self._set_deadline(DL_BODY, self.ctx.settings.client_body)
         if self._active is None:
-            self._activate(exchange)
+            # Dispatched once this read is parsed, so that a framing error later in the same
+            # read refuses the request before any of it reaches a backend.
+            self._active = exchange
+            self._dispatch_pending = True
         else:
             self._queue.append(exchange)
 

@@ -59,6 +59,7 @@ class ClientIO(asyncio.Protocol):
     def end_batch(self) -> None:
         batch = self._batch
         self._batch = None
+        self._batch_sent()
         transport = self.transport
         if not batch or transport is None or transport.is_closing():
             return
@@ -66,6 +67,9 @@ class ClientIO(asyncio.Protocol):
             transport.write(batch[0])
         else:
             transport.write(b"".join(batch))
+
+    def _batch_sent(self) -> None:
+        """Hook: the batch is on its way to the client (nothing in it can be taken back)."""
 
     def _write(self, data: bytes) -> None:
         batch = self._batch

@@ -55,8 +55,28 @@ _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+def valid_host(host: bytes) -> bool:
+    """RFC 9112 §3.2 / RFC 3986 §3.2.2: a reg-name or ``[IP literal]``, then ``:port``."""
+    if host.translate(None, _HOST_CHARS):
+        return False
+    if host[:1] == b"[":
+        end = host.find(b"]")
+        if end < 0:
+            return False
+        port = host[end + 1 :]
+    else:
+        if b"[" in host or b"]" in host:
+            return False
+        colon = host.find(b":")
+        port = host[colon:] if colon >= 0 else b""
+    if not port:
+        return True
+    return port[:1] == b":" and (len(port) == 1 or port[1:].isdigit())
+
+
 class Exchange:
     __slots__ = (
+        "batch_mark",
         "body",
         "body_buffered",
         "body_mode",
@@ -143,6 +163,7 @@ class Exchange:
         self.counted = False
         self.status = 0
         self.head_sent = False
+        self.batch_mark = -1
         self.response_mode = RESP_NONE
         self.response_bytes = 0
         self.response_done = False
@@ -223,7 +244,7 @@ class Exchange:
             host = authority
         elif host is None and version == "1.1":
             return 400
-        if host is not None and host.translate(None, _HOST_CHARS):
+        if host is not None and not valid_host(host):
             return 400  # RFC 9112 §3.2: Host is uri-host [":" port], nothing else
         self.host = host
         if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):

@@ -81,6 +81,10 @@ class ResponseRelay(ClientIO):
             status, reason, headers, self._closing or self.ctx.shutting_down
         )
         exchange.head_sent = True
+        # Where the head sits in this read's write batch: until the batch is sent, a broken
+        # response can still be answered with a clean 502 (see upstream_failed).
+        batch = self._batch
+        exchange.batch_mark = len(batch) if batch is not None else -1
         self._write(head)
         if exchange.response_mode != RESP_NONE:
             self._body_deadline(up)
@@ -182,6 +186,13 @@ class ResponseRelay(ClientIO):
         target.state.record_error(kind)
         if kind == "timeout" and not exchange.head_sent:
             self.ctx.on_passive_failure(target, kind)
+        batch = self._batch
+        if exchange.head_sent and exchange.batch_mark >= 0 and batch is not None:
+            # The head has not left yet (it is in this read's batch): take it back.
+            del batch[exchange.batch_mark :]
+            exchange.head_sent = False
+            exchange.batch_mark = -1
+            exchange.response_bytes = 0
         if not exchange.head_sent:
             exchange.end_attempt()
             if not exchange.replayed and self._retry(exchange, target, replay=True):
@@ -210,6 +221,11 @@ class ResponseRelay(ClientIO):
         self._finish(exchange, 101, keep=True)
         self._set_deadline(DL_NONE, 0.0)
         return True
+
+    def _batch_sent(self) -> None:
+        active = self._active
+        if active is not None:
+            active.batch_mark = -1
 
     # -- hooks the request side provides ----------------------------------------------------
 
