@@ -154,8 +154,12 @@ class ClientConnection(ResponseRelay):
                 self.reject(500 if self._active is None else 502)
             return
         except httptools.HttpParserError:
-            if not self._input_done:  # llhttp also errors on bytes after a "close" request
+            if not self._input_done:
                 self.reject(400)
+            elif self._dispatch_pending:
+                # llhttp also errors on bytes after a "close" request: those are ignored, and
+                # the request before them goes ahead.
+                self._dispatch_deferred()
             return
         if self._dispatch_pending:
             self._dispatch_deferred()
