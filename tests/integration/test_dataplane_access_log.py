@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,14 @@ from tests.fakes.process import (
     BackendProcess,
     ProxyProcess,
     proxy_config,
-    start_backend,
     start_tdproxy,
     wait_until,
 )
 
 
 @pytest.fixture(scope="module")
-def backends() -> Iterator[tuple[BackendProcess, BackendProcess]]:
-    with start_backend("blue") as blue, start_backend("green") as green:
-        yield blue, green
+def backends(blue: BackendProcess, green: BackendProcess) -> tuple[BackendProcess, BackendProcess]:
+    return blue, green
 
 
 def start(

@@ -22,17 +22,10 @@ from tests.fakes.process import (
     BackendProcess,
     ProxyProcess,
     proxy_config,
-    start_backend,
     start_tdproxy,
 )
 
 MB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def blue() -> Iterator[BackendProcess]:
-    with start_backend("blue") as backend:
-        yield backend
 
 
 @pytest.fixture(scope="module")

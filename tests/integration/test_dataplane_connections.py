@@ -26,30 +26,12 @@ from tests.fakes.process import (
 
 
 @pytest.fixture(scope="module")
-def blue() -> Iterator[BackendProcess]:
-    with start_backend("blue") as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module")
-def green() -> Iterator[BackendProcess]:
-    with start_backend("green") as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module")
 def proxy(
     blue: BackendProcess, green: BackendProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
     config = proxy_config([("blue", blue.url, 1), ("green", green.url, 1)])
     with start_tdproxy(config, tmp_path_factory.mktemp("connections")) as running:
         yield running
-
-
-@pytest.fixture
-def client(proxy: ProxyProcess) -> Iterator[RawClient]:
-    with RawClient(proxy.host, proxy.port) as raw:
-        yield raw
 
 
 def connection_tokens(response: Response) -> set[str]:

@@ -26,12 +26,6 @@ MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def blue() -> Iterator[BackendProcess]:
-    with start_backend("blue") as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module")
 def proxy(blue: BackendProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     config = proxy_config([("blue", blue.url, 1)], timeouts={"response_header": "5s"})
     with start_tdproxy(config, tmp_path_factory.mktemp("faults")) as running:
@@ -50,12 +44,6 @@ def unreachable_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prox
         config = proxy_config([("gone", f"http://127.0.0.1:{port}", 1)])
         with start_tdproxy(config, tmp_path_factory.mktemp("unreachable")) as running:
             yield running
-
-
-@pytest.fixture
-def client(proxy: ProxyProcess) -> Iterator[RawClient]:
-    with RawClient(proxy.host, proxy.port) as raw:
-        yield raw
 
 
 def assert_502(response: Response) -> None:

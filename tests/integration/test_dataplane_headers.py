@@ -51,12 +51,6 @@ def proxy(
         yield running
 
 
-@pytest.fixture
-def client(proxy: ProxyProcess) -> Iterator[RawClient]:
-    with RawClient(proxy.host, proxy.port) as raw:
-        yield raw
-
-
 def echo(
     client: RawClient,
     headers: list[tuple[str, str]],

@@ -17,7 +17,6 @@ from tests.fakes.process import (
     BackendProcess,
     ProxyProcess,
     proxy_config,
-    start_backend,
     start_tdproxy,
 )
 
@@ -28,12 +27,6 @@ MAX_BODY_BYTES = 4096
 CLIENT_HEADER = 1.0
 CLIENT_BODY = 1.0
 IDLE = 1.0
-
-
-@pytest.fixture(scope="module")
-def blue() -> Iterator[BackendProcess]:
-    with start_backend("blue") as backend:
-        yield backend
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +49,6 @@ def proxy(blue: BackendProcess, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     with start_tdproxy(config, tmp_path_factory.mktemp("limits")) as running:
         yield running
-
-
-@pytest.fixture
-def client(proxy: ProxyProcess) -> Iterator[RawClient]:
-    with RawClient(proxy.host, proxy.port) as raw:
-        yield raw
 
 
 def assert_generated(response: Response, status: int) -> None:

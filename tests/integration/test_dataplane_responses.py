@@ -2,16 +2,12 @@
 than 100, a 101 nobody asked for, HTTP/1.0 close-delimited answers, ambiguous framing, and a
 backend that answers before it has read the request body.
 
-A scripted backend, local to this module, answers each request path with canned bytes. It
-lives here rather than in ``tests/fakes`` because it exists only for these tests: a listening
-socket on a thread, one thread per connection, each reading request heads (and skipping
-Content-Length bodies) and writing the script for the path.
+A scripted backend (``tests.fakes.scripted``) answers each request path with canned bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -19,10 +15,9 @@ import pytest
 
 from tests.fakes.client import RawClient
 from tests.fakes.process import ProxyProcess, proxy_config, start_tdproxy
+from tests.fakes.scripted import LINGER, ScriptedBackend, Step
 
-CLOSE = b"<close>"  # a script ending with this marker closes the connection after sending
-
-SCRIPTS: dict[str, bytes] = {
+RESPONSES: dict[str, bytes] = {
     # A complete answer, then the start of another in the same write: the tail must never reach
     # whoever uses the connection next.
     "/spliced": (
@@ -57,97 +52,21 @@ SCRIPTS: dict[str, bytes] = {
     "/unasked-101": (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\n"
     ),
-    "/http10": b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end" + CLOSE,
+    "/http10": b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
     "/cl-and-te": (
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n0\r\n\r\n" + CLOSE
+        b"5\r\nhello\r\n0\r\n\r\n"
     ),
     "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello!!",
-    "/early": (
-        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nConnection: close\r\n\r\ndenied\n" + CLOSE
-    ),
+    "/early": b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\nConnection: close\r\n\r\ndenied\n",
 }
 
 
-class ScriptedBackend:
-    def __init__(self, scripts: dict[str, bytes]) -> None:
-        self.scripts = scripts
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # the listener was closed
-            with self._lock:
-                self._connections.add(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        buffer = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1].decode()
-                script = self.scripts[path]
-                closing = script.endswith(CLOSE)
-                if not closing:
-                    buffer = self._skip_body(conn, head, buffer)
-                conn.sendall(script.removesuffix(CLOSE))
-                if closing:
-                    # A lingering close: unread request bytes must not turn our FIN into an RST
-                    # that could destroy the response on its way.
-                    conn.shutdown(socket.SHUT_WR)
-                    conn.settimeout(5)
-                    while conn.recv(65536):
-                        pass
-                    return
-        except OSError:
-            return
-        finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
-
-    @staticmethod
-    def _skip_body(conn: socket.socket, head: bytes, buffer: bytes) -> bytes:
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(buffer) < length:
-            data = conn.recv(65536)
-            if not data:
-                break
-            buffer += data
-        return buffer[length:]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() won't
-        self.listener.close()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(timeout=5)
+# These end with a lingering close (the others leave the connection open).
+CLOSING = {"/http10", "/cl-and-te", "/early"}
+SCRIPTS: dict[str, list[Step]] = {
+    path: [data, LINGER] if path in CLOSING else [data] for path, data in RESPONSES.items()
+}
 
 
 @pytest.fixture(scope="module")
@@ -163,15 +82,9 @@ def scripted() -> Iterator[ScriptedBackend]:
 def proxy(
     scripted: ScriptedBackend, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
-    config = proxy_config([("scripted", scripted.url, 1)], timeouts={"response_header": "5s"})
+    config = proxy_config([("scripted", scripted.url(), 1)], timeouts={"response_header": "5s"})
     with start_tdproxy(config, tmp_path_factory.mktemp("responses")) as running:
         yield running
-
-
-@pytest.fixture
-def client(proxy: ProxyProcess) -> Iterator[RawClient]:
-    with RawClient(proxy.host, proxy.port) as raw:
-        yield raw
 
 
 def test_hop_by_hop_response_fields_are_removed(client: RawClient) -> None:

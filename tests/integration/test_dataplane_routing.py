@@ -11,17 +11,16 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.fakes.client import RawClient
 from tests.fakes.process import (
     BackendProcess,
+    ProxyFactory,
     ProxyProcess,
     proxy_config,
     start_backend,
-    start_tdproxy,
 )
 
 NAMES = ("blue", "green", "red")
@@ -41,24 +40,17 @@ def backends() -> Iterator[dict[str, BackendProcess]]:
 
 
 @pytest.fixture
-def weighted_proxy(backends: dict[str, BackendProcess], tmp_path: Path) -> Iterator[StartProxy]:
+def weighted_proxy(backends: dict[str, BackendProcess], proxy_factory: ProxyFactory) -> StartProxy:
     """``weighted_proxy(blue=70, green=30)``: a fresh tdproxy (fresh rotation) over those
     backends; the backends' counters are zeroed first."""
-    started: list[ProxyProcess] = []
 
     def start(**weights: int) -> ProxyProcess:
         for backend in backends.values():
             backend.reset_stats()
         specs = [(name, backends[name].url, weight) for name, weight in weights.items()]
-        proxy = start_tdproxy(proxy_config(specs), tmp_path)
-        started.append(proxy)
-        return proxy
+        return proxy_factory(proxy_config(specs))
 
-    try:
-        yield start
-    finally:
-        for proxy in started:
-            proxy.stop()
+    return start
 
 
 def backend_sequence(proxy: ProxyProcess, count: int) -> list[str]:

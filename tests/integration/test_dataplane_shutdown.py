@@ -7,46 +7,30 @@ Each test starts its own proxy, since each one ends it.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from tests.fakes.client import RawClient
 from tests.fakes.process import (
     BackendProcess,
+    ProxyFactory,
     ProxyProcess,
     port_is_open,
     proxy_config,
-    start_backend,
-    start_tdproxy,
     wait_until,
 )
 
 StartProxy = Callable[[str], ProxyProcess]
 
 
-@pytest.fixture(scope="module")
-def blue() -> Iterator[BackendProcess]:
-    with start_backend("blue") as backend:
-        yield backend
-
-
 @pytest.fixture
-def start_proxy(blue: BackendProcess, tmp_path: Path) -> Iterator[StartProxy]:
-    started: list[ProxyProcess] = []
-
+def start_proxy(blue: BackendProcess, proxy_factory: ProxyFactory) -> StartProxy:
     def start(grace: str) -> ProxyProcess:
         config = proxy_config([("blue", blue.url, 1)], timeouts={"shutdown_grace": grace})
-        proxy = start_tdproxy(config, tmp_path)
-        started.append(proxy)
-        return proxy
+        return proxy_factory(config)
 
-    try:
-        yield start
-    finally:
-        for proxy in started:
-            proxy.stop()
+    return start
 
 
 def wait_for_path(backend: BackendProcess, path: str) -> None:

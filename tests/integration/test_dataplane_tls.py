@@ -8,12 +8,9 @@ which records the SNI name of every handshake and answers with what it saw.
 
 from __future__ import annotations
 
-import datetime
 import http.server
 import json
-import shutil
 import ssl
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,56 +19,10 @@ from typing import Any
 import pytest
 
 from tests.fakes.client import RawClient
-from tests.fakes.process import ProxyProcess, proxy_config, start_tdproxy
+from tests.fakes.process import ProxyFactory, ProxyProcess, proxy_config
+from tests.fakes.tls import CertPaths, make_self_signed, server_context
 
 StartProxy = Callable[..., ProxyProcess]
-
-
-def make_self_signed(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for DNS:localhost only (not for the IP 127.0.0.1)."""
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("neither the cryptography package nor the openssl CLI is available")
-        subprocess.run(
-            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "2", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost",
-             "-keyout", str(key_path), "-out", str(cert_path)],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 class TLSBackend:
@@ -80,8 +31,7 @@ class TLSBackend:
     def __init__(self, cert: Path, key: Path) -> None:
         self.sni_names: list[str | None] = []
         self.requests = 0
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
+        context = server_context(CertPaths(cert, key))
         context.sni_callback = self._on_sni
         backend = self
 
@@ -123,12 +73,13 @@ class TLSBackend:
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_self_signed(tmp_path_factory.mktemp("tls"))
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    # For DNS:localhost only, not for the IP 127.0.0.1.
+    return make_self_signed(tmp_path_factory.mktemp("tls"), ("localhost",))
 
 
 @pytest.fixture(scope="module")
-def tls_backend(certificate: tuple[Path, Path]) -> Iterator[TLSBackend]:
+def tls_backend(certificate: CertPaths) -> Iterator[TLSBackend]:
     backend = TLSBackend(*certificate)
     try:
         yield backend
@@ -137,9 +88,8 @@ def tls_backend(certificate: tuple[Path, Path]) -> Iterator[TLSBackend]:
 
 
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
+def start_proxy(proxy_factory: ProxyFactory) -> StartProxy:
     """``start_proxy(url, tls_verify=None, env=None)``: a tdproxy with that one backend."""
-    started: list[ProxyProcess] = []
 
     def start(
         url: str, tls_verify: bool | None = None, env: dict[str, str] | None = None
@@ -147,15 +97,9 @@ def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
         backend: dict[str, Any] = {"name": "secure", "url": url, "weight": 1}
         if tls_verify is not None:
             backend["tls_verify"] = tls_verify
-        proxy = start_tdproxy(proxy_config([backend]), tmp_path, env=env)
-        started.append(proxy)
-        return proxy
+        return proxy_factory(proxy_config([backend]), env=env)
 
-    try:
-        yield start
-    finally:
-        for proxy in started:
-            proxy.stop()
+    return start
 
 
 def get(proxy: ProxyProcess, count: int = 1) -> list[tuple[int, bytes]]:

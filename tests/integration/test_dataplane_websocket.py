@@ -15,7 +15,6 @@ from tests.fakes.process import (
     BackendProcess,
     ProxyProcess,
     proxy_config,
-    start_backend,
     start_tdproxy,
     wait_until,
 )
@@ -34,9 +33,8 @@ CLIENT_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # the key RawClient.websocket_handshake
 
 
 @pytest.fixture(scope="module")
-def backends() -> Iterator[dict[str, BackendProcess]]:
-    with start_backend("blue") as blue, start_backend("green") as green:
-        yield {"blue": blue, "green": green}
+def backends(blue: BackendProcess, green: BackendProcess) -> dict[str, BackendProcess]:
+    return {"blue": blue, "green": green}
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +46,6 @@ def proxy(
     config = proxy_config(specs, timeouts={"idle": "1s", "client_header": "1s"})
     with start_tdproxy(config, tmp_path_factory.mktemp("websocket")) as running:
         yield running
-
-
-@pytest.fixture
-def client(proxy: ProxyProcess) -> Iterator[RawClient]:
-    with RawClient(proxy.host, proxy.port) as raw:
-        yield raw
 
 
 def header_names(echo: dict[str, object]) -> set[str]:

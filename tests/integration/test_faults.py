@@ -6,9 +6,9 @@ upstream connection that carried a broken response.
 
 Two kinds of misbehaving backend are used: the fake backend process (its ``/reset-headers``,
 ``/reset-body``, ``/garbage``, ``/slow``... paths and ``--accept-then-close``), and
-:class:`ScriptedBackend`, a raw asyncio server in a thread of this test process that answers each
-request path with scripted bytes (responses no real HTTP library would produce) and records, per
-connection, what it was asked and whether the proxy closed it.
+``tests.fakes.scripted.ScriptedBackend``, a raw asyncio server in a thread of this test process
+that answers each request path with scripted bytes (responses no real HTTP library would
+produce) and records, per connection, what it was asked and whether the proxy closed it.
 
 Most fault requests are POSTs with the override header naming the faulty backend: a POST is never
 replayed, so the fault reaches the client instead of being retried on the healthy backend. The
@@ -17,19 +17,11 @@ retry itself (idempotent requests, and requests whose connection never got up) i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import datetime
-import shutil
-import socket
-import ssl
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,152 +38,12 @@ from tests.fakes.process import (
     start_tdproxy,
     wait_until,
 )
+from tests.fakes.scripted import CLOSE, HANG, OK, RESET, Gate, ScriptedBackend, Step
+from tests.fakes.tls import make_self_signed, server_context
 
 RESPONSE_HEADER = 1.0
 OVERRIDE = "X-TD-Backend"
 SLACK = 1.5  # the deadline sweeper runs every 0.25 s; process scheduling adds a little
-
-# ---------------------------------------------------------------------------------------------
-# A backend that answers with scripted bytes
-
-
-class Hang:
-    """Script step: wait until the peer closes the connection."""
-
-
-class Reset:
-    """Script step: abort the connection with a TCP RST."""
-
-
-class Close:
-    """Script step: close the connection (FIN)."""
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Script step: wait until the test calls ``ScriptedBackend.open_gate(name)``."""
-
-    name: str
-
-
-Step = bytes | Hang | Reset | Close | Gate
-HANG, RESET, CLOSE = Hang(), Reset(), Close()
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Scripted: ok\r\n\r\nok"
-
-
-@dataclass
-class ConnectionRecord:
-    """One accepted connection: the request paths read on it, and whether it is closed."""
-
-    paths: list[str] = field(default_factory=list)
-    closed: bool = False
-
-
-class ScriptedBackend:
-    """A raw TCP (or TLS) server on 127.0.0.1, run by an event loop in its own thread.
-
-    For each request head it reads, it plays the script for the request path (any other path
-    gets ``OK``), then reads the next request on the same connection unless the script ended
-    it. Request bodies are not read: tests send requests without one.
-    """
-
-    def __init__(
-        self,
-        scripts: Mapping[str, Sequence[Step]],
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.scripts = dict(scripts)
-        self.connections: list[ConnectionRecord] = []
-        self._ssl = ssl_context
-        self._gates = {
-            step.name: asyncio.Event()
-            for steps in self.scripts.values()
-            for step in steps
-            if isinstance(step, Gate)
-        }
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _start(self) -> asyncio.Server:
-        return await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._ssl)
-
-    def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
-        return f"{scheme}://{host}:{self.port}"
-
-    def open_gate(self, name: str) -> None:
-        self._loop.call_soon_threadsafe(self._gates[name].set)
-
-    def connections_serving(self, path: str) -> list[ConnectionRecord]:
-        return [record for record in list(self.connections) if path in record.paths]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        record = ConnectionRecord()
-        self.connections.append(record)
-        try:
-            while await self._exchange(record, reader, writer):
-                pass
-        except (ConnectionError, ssl.SSLError):
-            record.closed = True
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _exchange(
-        self, record: ConnectionRecord, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Read one request head and play its script; False when the connection is done."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            record.closed = True
-            return False
-        path = head.split(b" ", 2)[1].decode("latin-1").partition("?")[0]
-        record.paths.append(path)
-        for step in self.scripts.get(path, [OK]):
-            if isinstance(step, bytes):
-                writer.write(step)
-                await writer.drain()
-            elif isinstance(step, Gate):
-                await self._gates[step.name].wait()
-            elif isinstance(step, Hang):
-                while await reader.read(65536):
-                    pass
-                record.closed = True
-                return False
-            elif isinstance(step, Reset):
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
-                record.closed = True
-                return False
-            else:
-                record.closed = True
-                return False
-        return True
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _stop(self) -> None:
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
 
 _ACCEPT_THEN_CLOSE = """
 import socket
@@ -615,62 +467,13 @@ def test_a_backend_closing_after_its_headers_closes_the_client_connection(
 # Backends that cannot be reached at all: 502 alone, retried elsewhere when possible
 
 
-def self_signed(directory: Path, dns_name: str) -> tuple[Path, Path]:
-    """A self-signed CA certificate for ``dns_name`` (cryptography, else the openssl CLI)."""
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("neither the cryptography package nor the openssl CLI is available")
-        subprocess.run(
-            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "2", "-subj", f"/CN={dns_name}",
-             "-addext", f"subjectAltName=DNS:{dns_name}",
-             "-keyout", str(key_path), "-out", str(cert_path)],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def tls_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ScriptedBackend, Path]]:
     """An HTTPS backend whose certificate is for ``localhost`` only, and that certificate."""
-    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "localhost")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    backend = ScriptedBackend({}, ssl_context=context)
+    paths = make_self_signed(tmp_path_factory.mktemp("tls"), ("localhost",))
+    backend = ScriptedBackend({}, ssl_context=server_context(paths))
     try:
-        yield backend, cert
+        yield backend, paths.cert
     finally:
         backend.close()
 

@@ -9,9 +9,7 @@ conditions with a deadline, never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gc
-import ipaddress
 import logging
 import socket
 import ssl
@@ -27,6 +25,7 @@ from tdproxy.config import Config, parse_config
 from tdproxy.controlplane.health import INITIAL_MARGIN, HealthChecker
 from tdproxy.routing.router import Router
 from tests.fakes.process import async_wait_until
+from tests.fakes.tls import make_self_signed, server_context
 
 INTERVAL = "100ms"
 TIMEOUT = 0.2
@@ -486,36 +485,4 @@ async def test_stop_without_start() -> None:
 
 def self_signed_server_context(directory: Path) -> ssl.SSLContext:
     """A server context with a fresh self-signed certificate for 127.0.0.1."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_path, key_path)
-    return context
+    return server_context(make_self_signed(directory, ("127.0.0.1",)))

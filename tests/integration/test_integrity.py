@@ -43,18 +43,6 @@ REQUESTS_PER_CLIENT = 100
 PIPELINE_DEPTH = 4
 
 
-@pytest.fixture(scope="module")
-def blue() -> Iterator[BackendProcess]:
-    with start_backend("blue") as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module")
-def green() -> Iterator[BackendProcess]:
-    with start_backend("green") as backend:
-        yield backend
-
-
 def base_config(blue: BackendProcess, green: BackendProcess, weights: tuple[int, int]) -> Any:
     return proxy_config(
         [("blue", blue.url, weights[0]), ("green", green.url, weights[1])],

@@ -5,22 +5,17 @@ cookie then carries ``Secure``; ``entrypoint.redirect_http_port`` answers every 
 with a redirect to the same target on the HTTPS entrypoint (README: 301 for GET/HEAD, 308 for
 other methods, which keeps the method and body).
 
-The certificate is a throwaway self-signed one for 127.0.0.1, made with ``cryptography`` or, if
-that is missing, the ``openssl`` CLI; clients verify it against itself as the only trusted CA.
+The certificate is a throwaway self-signed one for 127.0.0.1 (``tests.fakes.tls``); clients
+verify it against itself as the only trusted CA.
 """
 
 from __future__ import annotations
 
-import datetime
 import http.client
-import ipaddress
 import json
-import shutil
 import ssl
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,77 +30,9 @@ from tests.fakes.process import (
     start_backend,
     start_tdproxy,
 )
+from tests.fakes.tls import make_self_signed
 
 HOST = "127.0.0.1"
-
-
-# ---------------------------------------------------------------------------------------------
-# A self-signed certificate
-
-
-def write_self_signed(directory: Path) -> tuple[Path, Path]:
-    """``(certificate, key)`` PEM files for 127.0.0.1; skips when no tool can make them."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("neither the cryptography package nor the openssl CLI is available")
-        subprocess.run(
-            [
-                openssl,
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-                "-days",
-                "2",
-                "-subj",
-                f"/CN={HOST}",
-                "-addext",
-                f"subjectAltName=IP:{HOST}",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        return cert, key
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, HOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(private_key, hashes.SHA256())
-    )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(
-        private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert, key
 
 
 @dataclass
@@ -119,7 +46,7 @@ class TlsSetup:
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsSetup]:
     """One sticky tdproxy with a TLS entrypoint and a redirect port, over blue and green."""
     directory = tmp_path_factory.mktemp("tls")
-    cert, key = write_self_signed(directory)
+    cert, key = make_self_signed(directory, (HOST,))
     trust = ssl.create_default_context(cafile=str(cert))
     backends: list[BackendProcess] = []
     try:
