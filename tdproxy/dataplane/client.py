@@ -85,6 +85,7 @@ class ClientConnection(ResponseRelay):
         "_parsing",
         "_pending_reject",
         "_queue",
+        "_read_size",
         "_resumed_body",
         "_starting",
         "_upgrading",
@@ -100,6 +101,7 @@ class ClientConnection(ResponseRelay):
         self._pending_reject = 0
         self._input_done = False
         self._dispatch_pending = False
+        self._read_size = 0
         self._upgrading: Exchange | None = None
         self._resumed_body: Exchange | None = None
 
@@ -139,6 +141,7 @@ class ClientConnection(ResponseRelay):
             )
         ):
             return  # refused, finished or told to close: whatever else arrives is discarded
+        self._read_size = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -242,16 +245,11 @@ class ClientConnection(ResponseRelay):
             raise _Reject(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Only collected here (the hottest callback); the limits are checked once the head is
+        # complete, while data_received bounds the raw bytes held before that.
         exchange = self._parsing
-        assert exchange is not None
-        exchange.headers.append((name.lower(), name, value))
-        exchange.header_bytes += len(name) + len(value) + 4
-        settings = self.ctx.settings
-        if (
-            len(exchange.headers) > settings.max_headers
-            or exchange.header_bytes > settings.max_header_bytes
-        ):
-            raise _Reject(431)
+        if exchange is not None:
+            exchange.headers.append((name.lower(), name, value))
 
     def on_headers_complete(self) -> None:
         exchange = self._parsing
@@ -260,6 +258,15 @@ class ClientConnection(ResponseRelay):
             return  # a stand-in head
         parser = self._parser
         exchange.head_done = True
+        settings = self.ctx.settings
+        headers = exchange.headers
+        if len(headers) > settings.max_headers or (
+            # Counting is needed only when the bytes read for this head could exceed the limit.
+            self._head_bytes + self._read_size > settings.max_header_bytes
+            and sum(len(name) + len(value) for _, name, value in headers) + 4 * len(headers)
+            > settings.max_header_bytes
+        ):
+            raise _Reject(431)
         code = exchange.parse_head(
             parser.get_method(),
             parser.get_http_version(),

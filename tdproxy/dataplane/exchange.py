@@ -91,7 +91,6 @@ class Exchange:
         "head_done",
         "head_only",
         "head_sent",
-        "header_bytes",
         "headers",
         "host",
         "keep_alive",
@@ -130,7 +129,6 @@ class Exchange:
         self.monotonic_start = time.monotonic()
         self.target = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []
-        self.header_bytes = 0
         self.head_done = False
         self.method = "-"
         self.version = "1.1"
