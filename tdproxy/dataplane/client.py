@@ -165,7 +165,10 @@ class ClientConnection(ResponseRelay):
                 self._dispatch_deferred()
             return
         if self._dispatch_pending:
-            self._dispatch_deferred()
+            self._dispatch_pending = False
+            active = self._active
+            if active is not None and active.table is None and not active.finished:
+                self._activate(active)
         parsing = self._parsing
         if parsing is None:
             return
@@ -512,7 +515,8 @@ class ClientConnection(ResponseRelay):
             ctx.access_log.log(exchange, self.peer, status, ctx.clock)
         if exchange is self._active:
             self._active = None
-        self._set_pause(PAUSE_UPSTREAM, False)
+        if self._pause_bits & PAUSE_UPSTREAM:
+            self._set_pause(PAUSE_UPSTREAM, False)
         if self._closed:
             return
         if self._upgrade_wait is exchange:

@@ -49,6 +49,9 @@ _REQUEST_FIELDS = {
     b"user-agent": _UA,
     b"referer": _REFERER,
 }
+_METHOD_NAMES = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")
+}
 # What a Host value may contain (RFC 3986 reg-name / IP literal, and a port).
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
 # Connection options that name no field.
@@ -184,7 +187,10 @@ class Exchange:
         peer: bytes,
     ) -> int:
         """Check the request head and prepare what goes upstream; return an error status or 0."""
-        self.method = method.decode("ascii", "replace")
+        method_name = _METHOD_NAMES.get(method)
+        if method_name is None:
+            method_name = method.decode("ascii", "replace")
+        self.method = method_name
         self.version = version
         self.keep_alive = keep_alive
         self.head_only = method == b"HEAD"

@@ -31,7 +31,8 @@ class UpstreamPool:
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if connection.usable():
+            transport = connection.transport
+            if connection.alive and transport is not None and not transport.is_closing():
                 return connection
         return None
 

@@ -86,8 +86,9 @@ class ResponseRelay(ClientIO):
         batch = self._batch
         exchange.batch_mark = len(batch) if batch is not None else -1
         self._write(head)
-        if exchange.response_mode != RESP_NONE:
-            self._body_deadline(up)
+        if exchange.response_mode != RESP_NONE and not self._write_paused:
+            # The body must keep coming (see _body_deadline; inlined on this per-request path).
+            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
 
     def _interim(
         self,
@@ -127,8 +128,8 @@ class ResponseRelay(ClientIO):
             return
         exchange.response_bytes += len(body)
         up = exchange.upstream
-        if up is not None:
-            self._body_deadline(up)
+        if up is not None and not self._write_paused:
+            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
         if exchange.response_mode == RESP_CHUNKED:
             self._write(b"%x\r\n" % len(body))
             self._write(body)
