@@ -59,17 +59,14 @@ class ClientIO(asyncio.Protocol):
     def end_batch(self) -> None:
         batch = self._batch
         self._batch = None
-        self._batch_sent()
-        transport = self.transport
-        if not batch or transport is None or transport.is_closing():
-            return
-        if len(batch) == 1:
-            transport.write(batch[0])
-        else:
-            transport.write(b"".join(batch))
+        if batch:
+            self.send_batch(batch)
 
-    def _batch_sent(self) -> None:
-        """Hook: the batch is on its way to the client (nothing in it can be taken back)."""
+    def send_batch(self, batch: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def _write(self, data: bytes) -> None:
         batch = self._batch

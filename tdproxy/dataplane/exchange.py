@@ -79,6 +79,7 @@ def valid_host(host: bytes) -> bool:
 
 class Exchange:
     __slots__ = (
+        "batch",
         "batch_mark",
         "body",
         "body_buffered",
@@ -164,7 +165,8 @@ class Exchange:
         self.counted = False
         self.status = 0
         self.head_sent = False
-        self.batch_mark = -1
+        self.batch: list[bytes] | None = None
+        self.batch_mark = 0
         self.response_mode = RESP_NONE
         self.response_bytes = 0
         self.response_done = False
@@ -206,7 +208,7 @@ class Exchange:
                 return 400
             authority, target = split
         override_name = ctx.router.table.override_header
-        lines: list[tuple[bytes, bytes]] = []
+        out: list[bytes] = []
         host = upgrade_value = forwarded_for = None
         tokens: list[bytes] | None = None
         length = 0
@@ -216,7 +218,7 @@ class Exchange:
             if action is None:
                 if lname == override_name:
                     self.override = value
-                lines.append((lname, name + b": " + value + CRLF))
+                out.append(name + b": " + value + CRLF)
             elif action == _HOST:
                 if host is not None:
                     return 400
@@ -243,7 +245,7 @@ class Exchange:
                     self.user_agent = value
                 elif action == _REFERER:
                     self.referer = value
-                lines.append((lname, name + b": " + value + CRLF))
+                out.append(name + b": " + value + CRLF)
         if authority is not None:
             host = authority
         elif host is None and version == "1.1":
@@ -252,8 +254,17 @@ class Exchange:
             return 400  # RFC 9112 §3.2: Host is uri-host [":" port], nothing else
         self.host = host
         if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):
+            # Rare: drop the fields the client's Connection header names (RFC 9110 §7.6.1).
             named = set(tokens)
-            lines = [(lname, line) for lname, line in lines if lname not in named]
+            out = [
+                name + b": " + value + CRLF
+                for lname, name, value in self.headers
+                if lname not in named
+                and (
+                    _REQUEST_FIELDS.get(lname) is None
+                    or _REQUEST_FIELDS[lname] in (_COOKIE, _UA, _REFERER)
+                )
+            ]
         limit = ctx.settings.max_body_bytes
         if chunked:
             self.body_mode = BODY_CHUNKED
@@ -262,7 +273,6 @@ class Exchange:
                 return 413
             self.body_mode = BODY_LENGTH
             self.content_length = length
-        out = [line for _, line in lines]
         client = peer if forwarded_for is None else forwarded_for + b", " + peer
         out.append(b"X-Forwarded-For: " + client + CRLF)
         out.append(b"X-Forwarded-Proto: " + ctx.scheme + CRLF)
@@ -314,7 +324,7 @@ class Exchange:
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], closing: bool
     ) -> bytes:
         """The head sent to the client; sets how its body is framed and whether to keep alive."""
-        lines: list[tuple[bytes, bytes]] = []
+        out = [status_line(status, reason)]
         length = chunked = False
         tokens = None
         for name, value in headers:
@@ -331,25 +341,29 @@ class Exchange:
                 continue
             if lname == b"content-length":
                 length = True
-            lines.append((lname, name + b": " + value + CRLF))
-        if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):
-            named = set(tokens)
-            lines = [(lname, line) for lname, line in lines if lname not in named]
+            out.append(name + b": " + value + CRLF)
         http11 = self.version == "1.1"
         if self.head_only or status == 204 or status == 304:
             mode = RESP_NONE
         elif chunked or not length:
             self.until_close = not chunked
             mode = RESP_CHUNKED if http11 else RESP_CLOSE
-            if length:
-                lines = [(lname, line) for lname, line in lines if lname != b"content-length"]
         else:
             mode = RESP_LENGTH
+        drop = set(tokens) - _CONNECTION_OPTIONS if tokens else set()
+        if length and mode != RESP_LENGTH and mode != RESP_NONE:
+            drop.add(b"content-length")  # the body is re-framed
+        if drop:
+            # Rare: fields named in Connection, or a length the new framing replaces.
+            out = [out[0]]
+            out.extend(
+                name + b": " + value + CRLF
+                for name, value in headers
+                if name.lower() not in HOP_BY_HOP and name.lower() not in drop
+            )
         self.response_mode = mode
         keep = self.keep_alive and not closing and mode != RESP_CLOSE
         self.keep_client = keep
-        out = [status_line(status, reason)]
-        out.extend(line for _, line in lines)
         if not keep:
             out.append(b"Connection: close\r\n")
         elif not http11:

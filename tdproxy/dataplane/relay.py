@@ -84,8 +84,13 @@ class ResponseRelay(ClientIO):
         # Where the head sits in this read's write batch: until the batch is sent, a broken
         # response can still be answered with a clean 502 (see upstream_failed).
         batch = self._batch
-        exchange.batch_mark = len(batch) if batch is not None else -1
-        self._write(head)
+        if batch is not None:
+            exchange.batch = batch
+            exchange.batch_mark = len(batch)
+            batch.append(head)
+        else:
+            exchange.batch = None
+            self._write(head)
         if exchange.response_mode != RESP_NONE and not self._write_paused:
             # The body must keep coming (see _body_deadline; inlined on this per-request path).
             up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
@@ -130,12 +135,17 @@ class ResponseRelay(ClientIO):
         up = exchange.upstream
         if up is not None and not self._write_paused:
             up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
-        if exchange.response_mode == RESP_CHUNKED:
+        mode = exchange.response_mode
+        if mode == RESP_CHUNKED:
             self._write(b"%x\r\n" % len(body))
             self._write(body)
             self._write(CRLF)
-        elif exchange.response_mode != RESP_NONE:
-            self._write(body)
+        elif mode != RESP_NONE:
+            batch = self._batch
+            if batch is not None:
+                batch.append(body)
+            else:
+                self._write(body)
 
     def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
         exchange = self._active
@@ -188,11 +198,11 @@ class ResponseRelay(ClientIO):
         if kind == "timeout" and not exchange.head_sent:
             self.ctx.on_passive_failure(target, kind)
         batch = self._batch
-        if exchange.head_sent and exchange.batch_mark >= 0 and batch is not None:
+        if exchange.head_sent and batch is not None and exchange.batch is batch:
             # The head has not left yet (it is in this read's batch): take it back.
             del batch[exchange.batch_mark :]
             exchange.head_sent = False
-            exchange.batch_mark = -1
+            exchange.batch = None
             exchange.response_bytes = 0
         if not exchange.head_sent:
             exchange.end_attempt()
@@ -222,11 +232,6 @@ class ResponseRelay(ClientIO):
         self._finish(exchange, 101, keep=True)
         self._set_deadline(DL_NONE, 0.0)
         return True
-
-    def _batch_sent(self) -> None:
-        active = self._active
-        if active is not None:
-            active.batch_mark = -1
 
     # -- hooks the request side provides ----------------------------------------------------
 

@@ -43,7 +43,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_headers",
         "_in_head",
         "_keep_alive",
-        "_reason",
         "_reset_parser",
         "alive",
         "client",
@@ -75,7 +74,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
         self._head_bytes = 0
-        self._reason = b""
         self._complete = False
         self._keep_alive = False
         self._reset_parser = False
@@ -100,11 +98,20 @@ class UpstreamConnection(asyncio.Protocol):
             if self._head_bytes > MAX_RESPONSE_HEAD + 65536:
                 client.upstream_failed(self, "protocol")
                 return
-        client.begin_batch()
+        # Collect what goes to the client while this read is parsed: a response that arrives
+        # in one read (head, body, end) leaves in one send.
+        batch: list[bytes] = []
+        client._batch = batch
         try:
             self._feed(client, data)
         finally:
-            client.end_batch()
+            if client._batch is batch:
+                client._batch = None
+                if batch:
+                    client.send_batch(batch)
+                    active = client._active
+                    if active is not None:
+                        active.batch = None  # sent: nothing in it can be taken back now
 
     def _feed(self, client: ClientConnection, data: bytes) -> None:
         try:
@@ -164,12 +171,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete:
             raise BadResponse("bytes after the end of a response")
         self._headers = []
-        self._reason = b""
         self._in_head = True
         self._head_bytes = 0
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
@@ -186,7 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self.parser
         status = parser.get_status_code()
         self._keep_alive = parser.should_keep_alive()
-        client.upstream_head(self, status, self._reason, self._headers)
+        client.upstream_head(self, status, b"", self._headers)
         if self.head_only and status >= 200:
             # HEAD (or a response that carries no body whatever its headers claim): done now.
             self._complete = True
