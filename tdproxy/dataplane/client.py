@@ -600,20 +600,11 @@ class ClientConnection(ResponseRelay):
         elif kind in (DL_HEADER, DL_BODY):
             self.reject(408)
 
-    def has_upstream_deadline(self, now: float) -> bool:
-        active = self._active
-        up = active.upstream if active is not None else None
-        return up is not None and up.deadline <= now
-
     def shutdown(self) -> None:
         """Graceful stop: close now if idle, else after the answer in progress."""
         self._closing = True
         if self._active is None and self._parsing is None and self._tunnel is None:
             self.close()
-
-    @property
-    def idle(self) -> bool:
-        return self._active is None and self._parsing is None and self._tunnel is None
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer.decode()} active={self._active!r}>"

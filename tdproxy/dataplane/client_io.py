@@ -51,11 +51,6 @@ class ClientIO(asyncio.Protocol):
         self._closed = False
         self._lingering = False
 
-    def begin_batch(self) -> None:
-        """Collect writes until :meth:`end_batch`: a response that arrives in one read (head,
-        body and end) leaves in one send."""
-        self._batch = []
-
     def end_batch(self) -> None:
         batch = self._batch
         self._batch = None

@@ -65,8 +65,7 @@ class Entrypoint:
             ctx.clock.tick(loop)
             now = ctx.clock.now
             for connection in list(ctx.connections):
-                if connection.deadline <= now or connection.has_upstream_deadline(now):
-                    connection.check_deadline(now)
+                connection.check_deadline(now)
             ctx.router.expire_idle(now)
             if ctx.access_log is not None:
                 ctx.access_log.flush()
