@@ -58,8 +58,24 @@ _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+# Host values already found valid: a deployment sees few, and checking one costs more than this.
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_LIMIT = 1024
+
+
 def valid_host(host: bytes) -> bool:
     """RFC 9112 §3.2 / RFC 3986 §3.2.2: a reg-name or ``[IP literal]``, then ``:port``."""
+    if host in _VALID_HOSTS:
+        return True
+    if not _check_host(host):
+        return False
+    if len(_VALID_HOSTS) >= _VALID_HOSTS_LIMIT:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(host)
+    return True
+
+
+def _check_host(host: bytes) -> bool:
     if host.translate(None, _HOST_CHARS):
         return False
     if host[:1] == b"[":

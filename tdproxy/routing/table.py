@@ -81,6 +81,7 @@ class RoutingTable:
         "_codec",
         "_cookie_name",
         "_override_cookie",
+        "_overrides",
         "_selector",
         "all_down",
         "by_name",
@@ -127,6 +128,7 @@ class RoutingTable:
         self.override_header = header.lower().encode() if header else None
         cookie = routing.override_cookie
         self._override_cookie = cookie.encode() if cookie else None
+        self._overrides = self.override_header is not None or self._override_cookie is not None
         self.all_down = False
         self._selector: WeightedSelector[Target] = WeightedSelector(())
         self.refresh()
@@ -164,9 +166,10 @@ class RoutingTable:
     def pick(self, cookie: bytes | None = None, override: bytes | None = None) -> Target | None:
         """The target for a request. ``cookie`` is the raw Cookie header, ``override`` the raw
         value of the override header; both only matter when the table is configured for them."""
-        target = self.overridden(cookie, override)
-        if target is not None:
-            return target
+        if self._overrides:
+            target = self.overridden(cookie, override)
+            if target is not None:
+                return target
         if cookie is not None and self.sticky:
             pinned = self.pinned(cookie)
             if pinned is not None:
