@@ -94,16 +94,45 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD + 65536:
+            # Bytes of a response head so far (all earlier reads of this exchange ended inside
+            # a head): an endless head fails here rather than growing in memory.
+            if self._head_bytes > MAX_RESPONSE_HEAD:
                 client.upstream_failed(self, "protocol")
                 return
+            self._head_bytes += len(data)
         # Collect what goes to the client while this read is parsed: a response that arrives
         # in one read (head, body, end) leaves in one send.
         batch: list[bytes] = []
         client._batch = batch
         try:
-            self._feed(client, data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                if not client.upstream_upgraded(self, data[upgrade.args[0] :]):
+                    client.upstream_failed(self, "protocol")
+                return
+            except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
+                if not self._complete:
+                    if not isinstance(exc.__context__, BadResponse) and isinstance(
+                        exc, httptools.HttpParserCallbackError
+                    ):
+                        log.exception("internal error handling a response from %s", self.pool.key)
+                    if self.client is client:
+                        client.upstream_failed(self, "protocol")
+                    return
+                # The response was complete, but the backend sent more after it: deliver what
+                # was answered and never reuse this connection (the rest would reach another
+                # client).
+                self._keep_alive = False
+            if self._complete:
+                # Reported only now that feed_data has returned: the client may pool this
+                # connection without re-entering the parser.
+                self._complete = False
+                if self._reset_parser:
+                    self._reset_parser = False
+                    self.parser = httptools.HttpResponseParser(self)
+                if self.client is client:
+                    client.upstream_done(self, self._keep_alive)
         finally:
             if client._batch is batch:
                 client._batch = None
@@ -112,34 +141,6 @@ class UpstreamConnection(asyncio.Protocol):
                     active = client._active
                     if active is not None:
                         active.batch = None  # sent: nothing in it can be taken back now
-
-    def _feed(self, client: ClientConnection, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            if client.upstream_upgraded(self, data[upgrade.args[0] :]):
-                return
-            client.upstream_failed(self, "protocol")
-            return
-        except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
-            if not self._complete:
-                if not isinstance(exc.__context__, BadResponse) and isinstance(
-                    exc, httptools.HttpParserCallbackError
-                ):
-                    log.exception("internal error handling a response from %s", self.pool.key)
-                if self.client is client:
-                    client.upstream_failed(self, "protocol")
-                return
-            # The response was complete, but the backend sent more after it: deliver what was
-            # answered and never reuse this connection (the rest would reach another client).
-            self._keep_alive = False
-        if self._complete:
-            self._complete = False
-            if self._reset_parser:
-                self._reset_parser = False
-                self.parser = httptools.HttpResponseParser(self)
-            if self.client is client:
-                client.upstream_done(self, self._keep_alive)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -171,25 +172,29 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete:
             raise BadResponse("bytes after the end of a response")
         self._headers = []
-        self._in_head = True
-        self._head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._head_bytes += len(name) + len(value)
-        if self._head_bytes > MAX_RESPONSE_HEAD:
-            raise BadResponse("response head too large")
+        self._headers.append((name, value))  # the hottest callback: only collected here
 
     def on_headers_complete(self) -> None:
         client = self.client
         if client is None:
             return
+        headers = self._headers
+        # The bytes read since the request was sent bound the head's size; count exactly only
+        # when that bound is over the limit.
+        if (
+            self._head_bytes > MAX_RESPONSE_HEAD
+            and sum(len(name) + len(value) for name, value in headers) > MAX_RESPONSE_HEAD
+        ):
+            raise BadResponse("response head too large")
         self.deadline = INF
-        self._in_head = False
         parser = self.parser
         status = parser.get_status_code()
         self._keep_alive = parser.should_keep_alive()
-        client.upstream_head(self, status, b"", self._headers)
+        if status >= 200 or status == 101:
+            self._in_head = False
+        client.upstream_head(self, status, b"", headers)
         if self.head_only and status >= 200:
             # HEAD (or a response that carries no body whatever its headers claim): done now.
             self._complete = True
@@ -219,6 +224,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = client
         self.head_only = head_only
         self.got_bytes = False
+        self._in_head = True
+        self._head_bytes = 0
         self.deadline = deadline
         transport = self.transport
         assert transport is not None
