@@ -52,6 +52,7 @@ from tdproxy.dataplane.exchange import (
     BODY_CHUNKED,
     BODY_NONE,
     Exchange,
+    PeerFields,
 )
 from tdproxy.dataplane.http import (
     CRLF,
@@ -83,6 +84,7 @@ class ClientConnection(ResponseRelay):
         "_input_done",
         "_parser",
         "_parsing",
+        "_peer_fields",
         "_pending_reject",
         "_queue",
         "_read_size",
@@ -104,6 +106,7 @@ class ClientConnection(ResponseRelay):
         self._read_size = 0
         self._upgrading: Exchange | None = None
         self._resumed_body: Exchange | None = None
+        self._peer_fields = PeerFields(self.peer, ctx.scheme)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -118,6 +121,7 @@ class ClientConnection(ResponseRelay):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
+        self._peer_fields = PeerFields(self.peer, ctx.scheme)
         self._set_deadline(DL_IDLE, ctx.settings.idle)
 
     def data_received(self, data: bytes) -> None:
@@ -233,10 +237,12 @@ class ClientConnection(ResponseRelay):
             self._resumed_body = None
             self._parsing = resumed
             return
-        self._parsing = Exchange(self.ctx.clock.now)
+        ctx = self.ctx
+        self._parsing = Exchange(ctx.clock.now)
         self._head_bytes = 0
         if self._active is None:
-            self._set_deadline(DL_HEADER, self.ctx.settings.client_header)
+            self._deadline_kind = DL_HEADER  # _set_deadline, inlined on the per-request path
+            self.deadline = ctx.clock.now + ctx.settings.client_header
 
     def on_url(self, url: bytes) -> None:
         exchange = self._parsing
@@ -276,7 +282,7 @@ class ClientConnection(ResponseRelay):
             parser.should_keep_alive(),
             parser.should_upgrade(),
             self.ctx,
-            self.peer,
+            self._peer_fields,
         )
         if code:
             raise _Reject(code)
@@ -324,7 +330,8 @@ class ClientConnection(ResponseRelay):
         if exchange.body_mode == BODY_CHUNKED:
             self._send_body(exchange, LAST_CHUNK)
         if exchange is self._active:
-            self._set_deadline(DL_NONE, 0.0)
+            self._deadline_kind = DL_NONE
+            self.deadline = INF
             up = exchange.upstream
             if up is not None and not exchange.head_sent:
                 up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
@@ -346,7 +353,9 @@ class ClientConnection(ResponseRelay):
 
     def _activate(self, exchange: Exchange) -> None:
         self._active = exchange
-        if exchange.body_mode == BODY_NONE or exchange.request_done:
+        if self._deadline_kind != DL_NONE and (
+            exchange.body_mode == BODY_NONE or exchange.request_done
+        ):
             self._set_deadline(DL_NONE, 0.0)
         table = self.ctx.router.table
         exchange.table = table
@@ -415,19 +424,20 @@ class ClientConnection(ResponseRelay):
         exchange.upstream = up
         target = exchange.target_backend
         assert target is not None
-        data = [exchange.request_head(target)]
+        deadline = INF
+        if exchange.request_done:
+            deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        head = exchange.request_head(target)
         body = exchange.body
         if body:
-            data.extend(body)
+            up.send(self, b"".join([head, *body]), exchange.head_only, deadline)  # one send
             for chunk in body:
                 exchange.capture_replay(chunk, REPLAY_LIMIT)
             exchange.body = []
             exchange.body_buffered = 0
             self._set_pause(PAUSE_BUFFER, False)
-        deadline = INF
-        if exchange.request_done:
-            deadline = self.ctx.clock.now + self.ctx.settings.response_header
-        up.send(self, data, exchange.head_only, deadline)
+        else:
+            up.send(self, head, exchange.head_only, deadline)
         if self._write_paused:
             up.set_reading(False)
 
@@ -503,10 +513,12 @@ class ClientConnection(ResponseRelay):
             return
         exchange.finished = True
         ctx = self.ctx
-        exchange.end_attempt()
         target = exchange.target_backend
         if target is not None:
             state = target.state
+            if exchange.counted:  # exchange.end_attempt(), inlined on the per-request path
+                exchange.counted = False
+                state.in_flight -= 1
             state.record_response(status, ctx.clock.second)
             state.record_duration(time.monotonic() - exchange.monotonic_start)
             if not exchange.generated:
@@ -541,7 +553,8 @@ class ClientConnection(ResponseRelay):
             if not self._starting:
                 self._start_queued()
         elif self._parsing is None:
-            self._set_deadline(DL_IDLE, ctx.settings.idle)
+            self._deadline_kind = DL_IDLE  # _set_deadline, inlined on the per-request path
+            self.deadline = ctx.clock.now + ctx.settings.idle
         elif self._parsing.head_done:
             self._set_deadline(DL_BODY, ctx.settings.client_body)
         else:

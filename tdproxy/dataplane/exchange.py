@@ -93,6 +93,27 @@ def _check_host(host: bytes) -> bool:
     return port[:1] == b":" and (len(port) == 1 or port[1:].isdigit())
 
 
+class PeerFields:
+    """The forwarding fields that name one client connection's peer, built once per connection."""
+
+    __slots__ = ("address", "forwarded", "real_ip", "scheme")
+
+    def __init__(self, address: bytes, scheme: bytes) -> None:
+        self.address = address
+        self.scheme = scheme
+        # X-Forwarded-For when the request has none, and X-Forwarded-Proto.
+        self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (address, scheme)
+        self.real_ip = b"X-Real-IP: %s\r\n" % address
+
+    def forwarded_after(self, forwarded_for: bytes) -> bytes:
+        """X-Forwarded-For (the request's list, then this peer) and X-Forwarded-Proto."""
+        return b"X-Forwarded-For: %s, %s\r\nX-Forwarded-Proto: %s\r\n" % (
+            forwarded_for,
+            self.address,
+            self.scheme,
+        )
+
+
 class Exchange:
     __slots__ = (
         "batch",
@@ -202,7 +223,7 @@ class Exchange:
         keep_alive: bool,
         upgrade: bool,
         ctx: ProxyContext,
-        peer: bytes,
+        peer: PeerFields,
     ) -> int:
         """Check the request head and prepare what goes upstream; return an error status or 0."""
         method_name = _METHOD_NAMES.get(method)
@@ -289,12 +310,13 @@ class Exchange:
                 return 413
             self.body_mode = BODY_LENGTH
             self.content_length = length
-        client = peer if forwarded_for is None else forwarded_for + b", " + peer
-        out.append(b"X-Forwarded-For: " + client + CRLF)
-        out.append(b"X-Forwarded-Proto: " + ctx.scheme + CRLF)
+        if forwarded_for is None:
+            out.append(peer.forwarded)
+        else:
+            out.append(peer.forwarded_after(forwarded_for))
         if host is not None:
-            out.append(b"X-Forwarded-Host: " + host + CRLF)
-        out.append(b"X-Real-IP: " + peer + CRLF)
+            out.append(b"X-Forwarded-Host: %s\r\n" % host)
+        out.append(peer.real_ip)
         if self.body_mode == BODY_LENGTH or has_length:
             out.append(b"Content-Length: %d\r\n" % length)
         elif self.body_mode == BODY_CHUNKED:
@@ -304,14 +326,13 @@ class Exchange:
             if self.websocket:
                 out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         out.append(CRLF)
-        self.request_line = method + b" " + target + b" HTTP/1.1\r\n"
+        self.request_line = b"%s %s HTTP/1.1\r\nHost: " % (method, target)
         self.middle = b"".join(out)
-        self.headers = []
         return 0
 
     def request_head(self, target: Target) -> bytes:
         host = target.host_header or self.host or target.backend.authority.encode("idna")
-        return self.request_line + b"Host: " + host + CRLF + self.middle
+        return b"%s%s\r\n%s" % (self.request_line, host, self.middle)
 
     def capture_replay(self, data: bytes, limit: int) -> None:
         """Keep a copy of body bytes sent upstream, while small enough to send again."""
@@ -337,10 +358,10 @@ class Exchange:
     # -- response -------------------------------------------------------------------------
 
     def response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], closing: bool
+        self, status: int, headers: list[tuple[bytes, bytes]], closing: bool
     ) -> bytes:
         """The head sent to the client; sets how its body is framed and whether to keep alive."""
-        out = [status_line(status, reason)]
+        out = [status_line(status)]
         length = chunked = False
         tokens = None
         for name, value in headers:
@@ -352,7 +373,8 @@ class Exchange:
                     if connection_tokens(value) != [b"chunked"]:
                         raise BadResponse("transfer-encoding other than chunked")
                     chunked = True
-                elif lname == b"connection":
+                elif lname == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
+                    # A plain "keep-alive" or "close" names no field; anything else may.
                     tokens = (tokens or []) + connection_tokens(value)
                 continue
             if lname == b"content-length":
@@ -366,8 +388,9 @@ class Exchange:
             mode = RESP_CHUNKED if http11 else RESP_CLOSE
         else:
             mode = RESP_LENGTH
-        drop = set(tokens) - _CONNECTION_OPTIONS if tokens else set()
+        drop = set(tokens) - _CONNECTION_OPTIONS if tokens else None
         if length and mode != RESP_LENGTH and mode != RESP_NONE:
+            drop = drop or set()
             drop.add(b"content-length")  # the body is re-framed
         if drop:
             # Rare: fields named in Connection, or a length the new framing replaces.

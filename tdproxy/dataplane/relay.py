@@ -67,19 +67,17 @@ class ResponseRelay(ClientIO):
             up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
 
     def upstream_head(
-        self, up: UpstreamConnection, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+        self, up: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
         exchange = self._active
         transport = self.transport
         if exchange is None or transport is None or exchange.upstream is not up:
             return
         if status < 200:
-            self._interim(exchange, up, status, reason, headers)
+            self._interim(exchange, up, status, headers)
             return
         exchange.status = status
-        head = exchange.response_head(
-            status, reason, headers, self._closing or self.ctx.shutting_down
-        )
+        head = exchange.response_head(status, headers, self._closing or self.ctx.shutting_down)
         exchange.head_sent = True
         # Where the head sits in this read's write batch: until the batch is sent, a broken
         # response can still be answered with a clean 502 (see upstream_failed).
@@ -100,7 +98,6 @@ class ResponseRelay(ClientIO):
         exchange: Exchange,
         up: UpstreamConnection,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         assert self.transport is not None
@@ -110,14 +107,14 @@ class ResponseRelay(ClientIO):
                 return
             exchange.status = 101
             exchange.head_sent = True
-            lines = [status_line(101, reason)]
+            lines = [status_line(101)]
             lines.extend(name + b": " + value + CRLF for name, value in headers)
             if exchange.set_cookie:
                 lines.append(exchange.set_cookie)  # a WebSocket user is placed like any other
             lines.append(CRLF)
             self._write(b"".join(lines))
         elif exchange.version == "1.1":
-            lines = [status_line(status, reason)]
+            lines = [status_line(status)]
             lines.extend(
                 name + b": " + value + CRLF
                 for name, value in headers

@@ -194,7 +194,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = parser.should_keep_alive()
         if status >= 200 or status == 101:
             self._in_head = False
-        client.upstream_head(self, status, b"", headers)
+        client.upstream_head(self, status, headers)
         if self.head_only and status >= 200:
             # HEAD (or a response that carries no body whatever its headers claim): done now.
             self._complete = True
@@ -217,10 +217,8 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         return self.alive and transport is not None and not transport.is_closing()
 
-    def send(
-        self, client: ClientConnection, data: list[bytes], head_only: bool, deadline: float
-    ) -> None:
-        """Attach to ``client`` and write the request head (and any buffered body)."""
+    def send(self, client: ClientConnection, head: bytes, head_only: bool, deadline: float) -> None:
+        """Attach to ``client`` and write the request head."""
         self.client = client
         self.head_only = head_only
         self.got_bytes = False
@@ -229,10 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = deadline
         transport = self.transport
         assert transport is not None
-        if len(data) == 1:
-            transport.write(data[0])
-        else:
-            transport.writelines(data)
+        transport.write(head)
 
     def write(self, data: bytes) -> None:
         transport = self.transport
