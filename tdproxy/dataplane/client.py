@@ -238,7 +238,7 @@ class ClientConnection(ResponseRelay):
             self._parsing = resumed
             return
         ctx = self.ctx
-        self._parsing = Exchange(ctx.clock.now)
+        self._parsing = Exchange()
         self._head_bytes = 0
         if self._active is None:
             self._deadline_kind = DL_HEADER  # _set_deadline, inlined on the per-request path

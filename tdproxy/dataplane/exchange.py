@@ -30,7 +30,7 @@ BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
 RESP_NONE, RESP_LENGTH, RESP_CHUNKED, RESP_CLOSE = 0, 1, 2, 3
 
 # What parse_head does with a request field (anything not listed is forwarded as it is).
-_DROP, _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _COOKIE, _UA, _REFERER = range(10)
+_DROP, _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _COOKIE = range(8)
 _REQUEST_FIELDS = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -46,8 +46,6 @@ _REQUEST_FIELDS = {
     b"x-forwarded-host": _DROP,
     b"x-real-ip": _DROP,
     b"cookie": _COOKIE,
-    b"user-agent": _UA,
-    b"referer": _REFERER,
 }
 _METHOD_NAMES = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")
@@ -140,7 +138,6 @@ class Exchange:
         "middle",
         "monotonic_start",
         "override",
-        "referer",
         "replay",
         "replay_bytes",
         "replayed",
@@ -150,7 +147,6 @@ class Exchange:
         "response_done",
         "response_mode",
         "set_cookie",
-        "started",
         "status",
         "table",
         "target",
@@ -160,13 +156,11 @@ class Exchange:
         "until_close",
         "upgrade_body",
         "upstream",
-        "user_agent",
         "version",
         "websocket",
     )
 
-    def __init__(self, started: float) -> None:
-        self.started = started
+    def __init__(self) -> None:
         self.monotonic_start = time.monotonic()
         self.target = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []
@@ -180,8 +174,6 @@ class Exchange:
         self.host: bytes | None = None
         self.cookie: bytes | None = None
         self.override: bytes | None = None
-        self.user_agent: bytes | None = None
-        self.referer: bytes | None = None
         self.request_line = b""
         self.middle = b""
         self.body: list[bytes] = []
@@ -275,13 +267,8 @@ class Exchange:
                 upgrade_value = value
             elif action == _XFF:
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            elif action != _DROP:
-                if action == _COOKIE:
-                    self.cookie = value if self.cookie is None else self.cookie + b"; " + value
-                elif action == _UA:
-                    self.user_agent = value
-                elif action == _REFERER:
-                    self.referer = value
+            elif action == _COOKIE:
+                self.cookie = value if self.cookie is None else self.cookie + b"; " + value
                 out.append(name + b": " + value + CRLF)
         if authority is not None:
             host = authority
@@ -297,10 +284,7 @@ class Exchange:
                 name + b": " + value + CRLF
                 for lname, name, value in self.headers
                 if lname not in named
-                and (
-                    _REQUEST_FIELDS.get(lname) is None
-                    or _REQUEST_FIELDS[lname] in (_COOKIE, _UA, _REFERER)
-                )
+                and (_REQUEST_FIELDS.get(lname) is None or _REQUEST_FIELDS[lname] == _COOKIE)
             ]
         limit = ctx.settings.max_body_bytes
         if chunked:
@@ -329,6 +313,13 @@ class Exchange:
         self.request_line = b"%s %s HTTP/1.1\r\nHost: " % (method, target)
         self.middle = b"".join(out)
         return 0
+
+    def field(self, lname: bytes) -> bytes | None:
+        """The first value of a request field (lower-case name), for the access log."""
+        for lower, _, value in self.headers:
+            if lower == lname:
+                return value
+        return None
 
     def request_head(self, target: Target) -> bytes:
         host = target.host_header or self.host or target.backend.authority.encode("idna")

@@ -45,7 +45,7 @@ class AccessLog:
                     "duration_ms": round(duration * 1000, 3),
                     "backend": backend,
                     "attempts": len(exchange.tried),
-                    "user_agent": _text(exchange.user_agent),
+                    "user_agent": _text(exchange.field(b"user-agent")),
                 },
                 separators=(",", ":"),
             )
@@ -54,8 +54,8 @@ class AccessLog:
             line = (
                 f'{peer.decode()} - - [{stamp}] "{exchange.method} '
                 f'{exchange.target.decode("latin-1")} HTTP/{exchange.version}" {status} '
-                f'{exchange.response_bytes} "{_text(exchange.referer) or "-"}" '
-                f'"{_text(exchange.user_agent) or "-"}" {backend or "-"} {duration:.3f}'
+                f'{exchange.response_bytes} "{_text(exchange.field(b"referer")) or "-"}" '
+                f'"{_text(exchange.field(b"user-agent")) or "-"}" {backend or "-"} {duration:.3f}'
             )
         pending = self._pending
         pending.append(line)
