@@ -432,6 +432,8 @@ class WrkResult:
     non_2xx_3xx: int
     socket_errors: dict[str, int]
     other_cpu_percent: float = 0.0  # CPU used by processes outside the benchmark, all cores
+    target_cpu_percent: float = 0.0  # CPU the target's processes used, in % of one core
+    cpu_us_per_request: float = 0.0  # the target's CPU time (user + system) per request
 
 
 def _duration_ms(value: str, unit: str) -> float:
@@ -474,8 +476,12 @@ def run_wrk(
 ) -> WrkResult:
     """One wrk run; `ours` are the session ids whose CPU use is not counted as "other"."""
     argv = wrk_argv(args, target.port, seconds)
-    before = cpu_snapshot(ours)
+    mine = frozenset({target.child.proc.pid})
+    before, target_before = cpu_snapshot(ours), _session_ticks(mine)
+    started = time.monotonic()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    elapsed = time.monotonic() - started
+    target_seconds = (_session_ticks(mine) - target_before) / os.sysconf("SC_CLK_TCK")
     other_cpu = other_cpu_percent(before, cpu_snapshot(ours))
     if result.returncode != 0:
         raise BenchmarkError(f"{' '.join(argv)} failed:\n{result.stdout}{result.stderr}")
@@ -485,13 +491,19 @@ def run_wrk(
             f"{target.child.log_tail()}"
         )
     parsed = parse_wrk(result.stdout, target.name, round_no)
-    return dataclasses.replace(parsed, other_cpu_percent=round(other_cpu, 1))
+    return dataclasses.replace(
+        parsed,
+        other_cpu_percent=round(other_cpu, 1),
+        target_cpu_percent=round(100.0 * target_seconds / elapsed, 1),
+        cpu_us_per_request=round(1e6 * target_seconds / max(parsed.requests, 1), 2),
+    )
 
 
 def describe(result: WrkResult) -> str:
     text = (
         f"{result.requests_per_s:>9.0f} req/s  p50 {result.p50_ms:.2f} ms  "
-        f"p99 {result.p99_ms:.2f} ms"
+        f"p99 {result.p99_ms:.2f} ms  CPU {result.target_cpu_percent:.0f}% "
+        f"{result.cpu_us_per_request:.1f} us/req"
     )
     errors = sum(result.socket_errors.values())
     if result.non_2xx_3xx or errors:
@@ -530,6 +542,7 @@ class Summary:
     non_2xx_3xx: int
     socket_errors: int
     max_other_cpu_percent: float
+    cpu_us_per_request: float
 
 
 def summarize(results: list[WrkResult], names: list[str]) -> list[Summary]:
@@ -545,32 +558,48 @@ def summarize(results: list[WrkResult], names: list[str]) -> list[Summary]:
                 non_2xx_3xx=sum(r.non_2xx_3xx for r in mine),
                 socket_errors=sum(sum(r.socket_errors.values()) for r in mine),
                 max_other_cpu_percent=max(r.other_cpu_percent for r in mine),
+                cpu_us_per_request=statistics.median(r.cpu_us_per_request for r in mine),
             )
         )
     return summaries
 
 
-def ratios(summaries: list[Summary]) -> dict[str, float]:
+def round_ratios(results: list[WrkResult]) -> list[float]:
+    """tdproxy/nginx requests/s round by round (the two ran back to back in each round)."""
+    by_round = {(r.target, r.round): r.requests_per_s for r in results}
+    rounds = sorted({r.round for r in results})
+    return [
+        by_round[("tdproxy", n)] / by_round[("nginx", n)]
+        for n in rounds
+        if ("tdproxy", n) in by_round and ("nginx", n) in by_round
+    ]
+
+
+def ratios(summaries: list[Summary], per_round: list[float]) -> dict[str, float]:
     by_name = {s.target: s for s in summaries}
     if "nginx" not in by_name or "tdproxy" not in by_name:
         return {}
     nginx, td = by_name["nginx"], by_name["tdproxy"]
     return {
+        "requests_per_s_round_median": statistics.median(per_round),
+        "requests_per_s_round_min": min(per_round),
         "requests_per_s": td.requests_per_s / nginx.requests_per_s,
         "p99": td.p99_ms / nginx.p99_ms,
+        "cpu_per_request": td.cpu_us_per_request / max(nginx.cpu_us_per_request, 1e-9),
     }
 
 
 def format_table(summaries: list[Summary], rounds: int) -> str:
     head = (
         f"{'target':<9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}"
-        f" {'other CPU':>9}"
+        f" {'other CPU':>9} {'CPU us/req':>10}"
     )
     lines = [f"medians over {rounds} round(s):", head, "-" * len(head)]
     for s in summaries:
         lines.append(
             f"{s.target:<9} {s.requests_per_s:>9.0f} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f} "
-            f"{s.non_2xx_3xx:>8} {s.socket_errors:>8} {s.max_other_cpu_percent:>8.0f}%"
+            f"{s.non_2xx_3xx:>8} {s.socket_errors:>8} {s.max_other_cpu_percent:>8.0f}% "
+            f"{s.cpu_us_per_request:>10.1f}"
         )
     return "\n".join(lines)
 
@@ -580,7 +609,10 @@ def format_ratios(values: dict[str, float]) -> str:
         return "tdproxy/nginx ratios: n/a (both targets are needed)"
     return (
         f"tdproxy/nginx: req/s {values['requests_per_s']:.2f}x "
-        f"(higher is better), p99 {values['p99']:.2f}x (lower is better)"
+        f"(higher is better), p99 {values['p99']:.2f}x (lower is better), "
+        f"CPU per request {values['cpu_per_request']:.2f}x (lower is better)\n"
+        f"tdproxy/nginx req/s round by round: median {values['requests_per_s_round_median']:.2f}x, "
+        f"lowest {values['requests_per_s_round_min']:.2f}x"
     )
 
 
@@ -921,7 +953,7 @@ def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> dict[s
         },
         "rounds": [dataclasses.asdict(r) for r in results],
         "summary": [dataclasses.asdict(s) for s in summaries],
-        "ratios": ratios(summaries),
+        "ratios": ratios(summaries, round_ratios(results)),
         "tdproxy_rss_startup_kib": rss_startup,
         "idle": dataclasses.asdict(idle) if idle else None,
         "profile": dataclasses.asdict(profile) if profile else None,
