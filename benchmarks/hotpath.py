@@ -1,0 +1,159 @@
+"""The Python cost of one proxied request, without sockets.
+
+Drives tdproxy's real protocol objects (a ``ClientConnection`` and pooled ``UpstreamConnection``s
+behind a real ``Router``) with in-memory transports: a ``GET /`` as wrk sends it goes in, the
+request head the backend would receive comes out, a small nginx-style response goes back in and
+the answer to the client comes out. No system calls and no event-loop turns are involved, so the
+figure is the interpreter's share of a request and moves little between runs, which makes it the
+yardstick for hot-path changes (``run.py`` measures the whole thing against nginx).
+
+    python3 benchmarks/hotpath.py                 # best of 5 x 100,000 requests, in µs
+    python3 benchmarks/hotpath.py --profile       # also the top functions by own time (cProfile)
+    python3 benchmarks/hotpath.py --show          # print what goes out on each side, once
+
+For line-level sampling, run it under ``py-spy record --format raw``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tdproxy.config.loader import parse_config_text
+from tdproxy.dataplane.client import ClientConnection
+from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.upstream import UpstreamConnection
+from tdproxy.routing.router import Router
+
+CONFIG = """
+entrypoint: {address: 127.0.0.1, port: 18080}
+backends:
+  - {name: a, url: "http://127.0.0.1:18090", weight: 50}
+  - {name: b, url: "http://127.0.0.1:18090", weight: 50}
+access_log: {enabled: false}
+health_check: {enabled: false}
+"""
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 19:40:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n"
+)
+
+
+class MemoryTransport:
+    """Just enough of ``asyncio.Transport`` for the hot path; counts (or shows) what is sent."""
+
+    def __init__(self, name: str, show: bool = False) -> None:
+        self.name = name
+        self.show = show
+        self.sent = 0
+
+    def write(self, data: bytes) -> None:
+        self.sent += 1
+        if self.show:
+            print(f"{self.name} <- {bytes(data)!r}")
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Rig:
+    def __init__(self, show: bool = False) -> None:
+        config = parse_config_text(CONFIG)
+        self.loop = asyncio.new_event_loop()
+        router = Router(config)
+        ctx = ProxyContext(self.loop, router, config, None, lambda target, kind: None)
+        for pool in router.pools.values():
+            upstream = UpstreamConnection(pool)
+            upstream.connection_made(MemoryTransport(f"backend {pool.key[0]}", show))  # type: ignore[arg-type]
+            pool.put(upstream, 0.0)
+        self.client_transport = MemoryTransport("client", show)
+        self.client = ClientConnection(ctx)
+        self.client.connection_made(self.client_transport)  # type: ignore[arg-type]
+
+    def one(self) -> None:
+        self.client.data_received(REQUEST)
+        active = self.client._active
+        assert active is not None and active.upstream is not None, "request not dispatched"
+        active.upstream.data_received(RESPONSE)
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def measure(rig: Rig, requests: int, repeats: int) -> float:
+    """Best of ``repeats`` runs, in µs per request."""
+    for _ in range(2000):
+        rig.one()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(requests):
+            rig.one()
+        best = min(best, (time.perf_counter() - start) / requests * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--requests", type=int, default=100_000, help="requests per run")
+    parser.add_argument("-r", "--repeats", type=int, default=5, help="runs (the best counts)")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile summary")
+    parser.add_argument("--show", action="store_true", help="print the bytes of one exchange")
+    args = parser.parse_args(argv)
+    if args.show:
+        rig = Rig(show=True)
+        rig.one()
+        rig.close()
+        return 0
+    rig = Rig()
+    try:
+        best = measure(rig, args.requests, args.repeats)
+        sent = rig.client_transport.sent
+        if sent < args.requests * args.repeats:
+            print(f"error: only {sent} answers reached the client", file=sys.stderr)
+            return 1
+        print(f"{best:.3f} µs per request (best of {args.repeats} x {args.requests:,})")
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(min(args.requests, 50_000)):
+                rig.one()
+            profile.disable()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    finally:
+        rig.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
