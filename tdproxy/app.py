@@ -121,6 +121,9 @@ class App:
     def connections_active(self) -> int:
         return len(self.ctx.connections) if self.ctx is not None else 0
 
+    def unrouted_requests(self) -> dict[int, int]:
+        return dict(self.ctx.unrouted) if self.ctx is not None else {}
+
     # -- observed failures ------------------------------------------------------------------
 
     def passive_failure(self, target: Target, kind: str) -> None:

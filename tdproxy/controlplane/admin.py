@@ -69,6 +69,8 @@ class AdminSource(Protocol):
 
     def connections_active(self) -> int: ...
 
+    def unrouted_requests(self) -> dict[int, int]: ...
+
     async def reload(self, trigger: str) -> ReloadOutcome: ...
 
 
@@ -119,6 +121,8 @@ class StatusDoc(TypedDict):
     generation: int
     ready: bool
     connections_active: int
+    # requests answered without reaching a backend, by status (as tdproxy_unrouted_requests_total)
+    unrouted_requests: dict[str, int]
     window_seconds: int
     reloads: dict[str, int]  # success / failure counts (as tdproxy_config_reloads_total)
     last_reload: ReloadStatus | None
@@ -228,6 +232,9 @@ def build_status(source: AdminSource, window: RecentWindow, now: float | None = 
         "generation": source.router.generation,
         "ready": is_ready(table),
         "connections_active": source.connections_active(),
+        "unrouted_requests": {
+            str(code): count for code, count in sorted(source.unrouted_requests().items())
+        },
         "window_seconds": WINDOW_SECONDS,
         "reloads": dict(history.reloads),
         "last_reload": outcome_json(last) if last is not None else None,

@@ -523,6 +523,8 @@ class ClientConnection(ResponseRelay):
             state.record_duration(time.monotonic() - exchange.monotonic_start)
             if not exchange.generated:
                 state.consecutive_failures = 0
+        else:
+            ctx.count_unrouted(status)
         if ctx.access_log is not None:
             ctx.access_log.log(exchange, self.peer, status, ctx.clock)
         if exchange is self._active:
@@ -543,6 +545,7 @@ class ClientConnection(ResponseRelay):
             if self._tunnel is None:
                 if keep and self._pending_reject:
                     self._write(error_response(self._pending_reject, close=True))
+                    ctx.count_unrouted(self._pending_reject)
                 if exchange.generated and not exchange.request_done:
                     self._linger_close()  # refused mid-body: let the client read why
                 else:
@@ -591,6 +594,7 @@ class ClientConnection(ResponseRelay):
             self._respond_error(exchange, code)
             return
         self._write(error_response(code, close=True))
+        self.ctx.count_unrouted(code)
         parsing = self._parsing
         if parsing is not None and self.ctx.access_log is not None:
             self.ctx.access_log.log(parsing, self.peer, code, self.ctx.clock)

@@ -76,6 +76,7 @@ class ProxyContext:
         "settings",
         "shutting_down",
         "tasks",
+        "unrouted",
     )
 
     def __init__(
@@ -97,6 +98,13 @@ class ProxyContext:
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.shutting_down = False
+        # Requests answered without a backend (refused, none available, client gone first), by
+        # status: they have no backend label, so they are counted here.
+        self.unrouted: dict[int, int] = {}
+
+    def count_unrouted(self, status: int) -> None:
+        unrouted = self.unrouted
+        unrouted[status] = unrouted.get(status, 0) + 1
 
     def spawn(self, coroutine: object) -> None:
         """Run a connection's background step (an upstream connect) and keep a reference."""

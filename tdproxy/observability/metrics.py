@@ -47,6 +47,8 @@ class MetricsSource(Protocol):
 
     def connections_active(self) -> int: ...
 
+    def unrouted_requests(self) -> dict[int, int]: ...
+
 
 class TdproxyCollector:
     """A custom collector: every family is built from the live objects on each scrape."""
@@ -63,6 +65,7 @@ class TdproxyCollector:
         source = self._source
         targets = source.router.table.targets
         yield from self._request_families(targets)
+        yield self._unrouted_family(source)
         yield from self._backend_gauges(targets)
         yield from self._failure_families(targets)
         yield from self._process_families(source)
@@ -87,6 +90,18 @@ class TdproxyCollector:
             )
         yield requests
         yield duration
+
+    def _unrouted_family(self, source: MetricsSource) -> Metric:
+        unrouted = CounterMetricFamily(
+            "tdproxy_unrouted_requests",
+            "Requests answered without reaching a backend, by status code: refused by tdproxy "
+            "(400, 405, 408, 413, 414, 431), no backend available (503), or the client left "
+            "before a backend was chosen (499).",
+            labels=["code"],
+        )
+        for code, count in sorted(source.unrouted_requests().items()):
+            unrouted.add_metric([str(code)], count)
+        return unrouted
 
     def _backend_gauges(self, targets: Sequence[Target]) -> Iterator[Metric]:
         share = GaugeMetricFamily(

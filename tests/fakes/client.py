@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -333,3 +334,20 @@ def request(
         target += "?" + parts.query
     with RawClient.for_url(url, timeout=timeout) as client:
         return client.request(method, target, headers=headers, body=body)
+
+
+_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric(admin_url: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``, from ``/metrics``."""
+    total = 0.0
+    for line in request(admin_url + "/metrics").text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or match["name"] != name:
+            continue
+        found = dict(_LABEL.findall(match["labels"] or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(match["value"])
+    return total

@@ -47,12 +47,16 @@ class FakeSource:
             ReloadOutcome(ok=True, time=time.time(), trigger="start", generation=1)
         )
         self.connections = 0
+        self.unrouted: dict[int, int] = {}
         self.draining = False
         self.next_config: Config | None = None
         self.triggers: list[str] = []
 
     def connections_active(self) -> int:
         return self.connections
+
+    def unrouted_requests(self) -> dict[int, int]:
+        return self.unrouted
 
     async def reload(self, trigger: str) -> ReloadOutcome:
         self.triggers.append(trigger)

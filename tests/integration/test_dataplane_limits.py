@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.client import RawClient, Response, encode_chunked
+from tests.fakes.client import RawClient, Response, encode_chunked, metric
 from tests.fakes.process import (
     BackendProcess,
     ProxyProcess,
@@ -178,6 +178,30 @@ def test_too_long_url_gives_414(client: RawClient, proxy: ProxyProcess) -> None:
     client.send_request("GET", "/echo?q=" + "u" * MAX_URL_BYTES)
     assert_rejected_and_closed(client, 414)
     assert_serving(proxy)
+
+
+def test_refusals_are_counted_by_status_without_a_backend(
+    proxy: ProxyProcess, blue: BackendProcess
+) -> None:
+    def counted(code: int) -> float:
+        return metric(proxy.admin_url, "tdproxy_unrouted_requests_total", code=str(code))
+
+    before = {code: counted(code) for code in (400, 414, 431)}
+    answered_before = metric(proxy.admin_url, "tdproxy_requests_total")
+    refusals = [
+        (400, b"GET / HTTP/1.1\r\nHost: h\r\nNo-Colon-Here\r\n\r\n"),
+        (414, b"GET /" + b"u" * MAX_URL_BYTES + b" HTTP/1.1\r\nHost: h\r\n\r\n"),
+        (431, b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * MAX_HEADER_BYTES + b"\r\n\r\n"),
+        (400, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+    ]
+    for code, raw_request in refusals:
+        with RawClient(proxy.host, proxy.port) as raw:
+            raw.send(raw_request)
+            assert_rejected_and_closed(raw, code)
+    assert counted(400) == before[400] + 2
+    assert counted(414) == before[414] + 1
+    assert counted(431) == before[431] + 1
+    assert metric(proxy.admin_url, "tdproxy_requests_total") == answered_before
 
 
 def test_a_url_at_the_limit_passes(client: RawClient) -> None:

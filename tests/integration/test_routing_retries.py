@@ -14,7 +14,6 @@ test says otherwise, so a broken backend stays in the rotation and keeps being t
 from __future__ import annotations
 
 import hashlib
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +37,6 @@ from tests.fakes.process import (
 IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 NEVER_REPLAYED = ("POST", "PATCH")
 BODY = bytes(range(256)) * 40  # 10 KiB: a small body, fully sent before anything fails
-
-_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,16 +83,7 @@ def send(
 
 
 def metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (Prometheus text format)."""
-    total = 0.0
-    for line in client.request(proxy.admin_url + "/metrics").text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match["name"] != name:
-            continue
-        found = dict(_LABEL.findall(match["labels"] or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match["value"])
-    return total
+    return client.metric(proxy.admin_url, name, **labels)
 
 
 def seen_by(backends: Sequence[BackendProcess], request_id: str) -> list[str]:

@@ -101,3 +101,16 @@ def test_reject_answers_503_with_a_short_body(
     response = client.request(proxy.url + "/")
     assert response.status == 200
     assert response.header("X-Backend") == "blue"
+
+
+def test_rejected_requests_are_counted_without_a_backend(
+    backend_factory: BackendFactory, proxy_factory: ProxyFactory
+) -> None:
+    proxy, _, _ = all_down_proxy(backend_factory, proxy_factory, when_all_down="reject")
+    answered_before = client.metric(proxy.admin_url, "tdproxy_requests_total")
+    for _ in range(7):
+        assert client.request(proxy.url + "/").status == 503
+    assert client.metric(proxy.admin_url, "tdproxy_unrouted_requests_total", code="503") == 7
+    assert client.metric(proxy.admin_url, "tdproxy_requests_total") == answered_before
+    status = client.request(proxy.admin_url + "/api/v1/status").json()
+    assert status["unrouted_requests"] == {"503": 7}

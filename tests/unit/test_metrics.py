@@ -52,9 +52,13 @@ class Source:
         self.router = Router(config)
         self.reload_history = ReloadHistory()
         self.connections = 0
+        self.unrouted: dict[int, int] = {}
 
     def connections_active(self) -> int:
         return self.connections
+
+    def unrouted_requests(self) -> dict[int, int]:
+        return self.unrouted
 
 
 @pytest.fixture
@@ -81,6 +85,7 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
 ) -> None:
     source.router.states["blue"].record_response(200, SECOND)
     source.router.states["blue"].record_duration(0.01)
+    source.unrouted[503] = 1
     found = families(registry)
     expected = {
         # the text parser names counters without their _total suffix
@@ -97,6 +102,7 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
         "tdproxy_config_last_reload_successful": ("gauge", set()),
         "tdproxy_connections_active": ("gauge", set()),
         "tdproxy_build_info": ("gauge", {"version"}),
+        "tdproxy_unrouted_requests": ("counter", {"code"}),
     }
     for name, (kind, labels) in expected.items():
         assert name in found, name
@@ -118,6 +124,21 @@ def test_requests_are_counted_by_backend_and_code(
     assert value(registry, "tdproxy_requests_total", backend="blue", code="502") == 1
     assert value(registry, "tdproxy_requests_total", backend="green", code="404") == 1
     assert value(registry, "tdproxy_requests_total", backend="green", code="200") is None
+
+
+def test_requests_without_a_backend_are_counted_by_code_alone(
+    source: Source, registry: CollectorRegistry
+) -> None:
+    assert value(registry, "tdproxy_unrouted_requests_total", code="503") is None
+    source.unrouted.update({503: 7, 400: 2})
+    assert value(registry, "tdproxy_unrouted_requests_total", code="503") == 7
+    assert value(registry, "tdproxy_unrouted_requests_total", code="400") == 2
+    total = sum(
+        sample.value
+        for sample in families(registry)["tdproxy_requests"].samples
+        if sample.name == "tdproxy_requests_total"
+    )
+    assert total == 0, "answers without a backend are not in tdproxy_requests_total"
 
 
 def test_histogram_buckets_are_cumulated_at_scrape_time(
@@ -315,6 +336,7 @@ def test_promtool_accepts_the_exposition(source: Source, registry: CollectorRegi
         state.record_response(503, SECOND)
         state.record_duration(0.02)
         state.record_error("timeout")
+    source.unrouted[503] = 3
     source.reload_history.record(ReloadOutcome(ok=True, time=NOW, trigger="file", generation=2))
     body, _ = exposition(registry)
     result = subprocess.run(
@@ -339,6 +361,7 @@ def test_dashboard_only_queries_metrics_that_exist(
     assert dashboard["schemaVersion"] >= 39
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
     source.router.states["blue"].record_response(200, SECOND)
+    source.unrouted[503] = 1
     body, _ = exposition(registry)
     exposed = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()}
     referenced = {m for q in dashboard_queries() for m in re.findall(r"tdproxy_[a-z_]+", q)}
