@@ -519,8 +519,9 @@ class ClientConnection(ResponseRelay):
             if exchange.counted:  # exchange.end_attempt(), inlined on the per-request path
                 exchange.counted = False
                 state.in_flight -= 1
-            state.record_response(status, ctx.clock.second)
-            state.record_duration(time.monotonic() - exchange.monotonic_start)
+            state.record_response(
+                status, ctx.clock.second, time.monotonic() - exchange.monotonic_start
+            )
             if not exchange.generated:
                 state.consecutive_failures = 0
         else:

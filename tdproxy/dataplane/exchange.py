@@ -16,6 +16,7 @@ from tdproxy.dataplane.http import (
     CRLF,
     HOP_BY_HOP,
     IDEMPOTENT_METHODS,
+    STATUS_LINES,
     connection_tokens,
     split_absolute_form,
     status_line,
@@ -59,6 +60,23 @@ _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Host values already found valid: a deployment sees few, and checking one costs more than this.
 _VALID_HOSTS: set[bytes] = set()
 _VALID_HOSTS_LIMIT = 1024
+
+
+# Response field names as the backend spells them -> the lower-case name when tdproxy acts on the
+# field (hop-by-hop ones and Content-Length), else _PLAIN. A backend uses a handful of spellings;
+# the map is bounded all the same.
+_PLAIN = b""
+_RESPONSE_FIELDS: dict[bytes, bytes] = {}
+_RESPONSE_FIELDS_LIMIT = 4096
+
+
+def _response_field(name: bytes) -> bytes:
+    lname = name.lower()
+    kind = lname if lname in HOP_BY_HOP or lname == b"content-length" else _PLAIN
+    if len(_RESPONSE_FIELDS) >= _RESPONSE_FIELDS_LIMIT:
+        _RESPONSE_FIELDS.clear()
+    _RESPONSE_FIELDS[name] = kind
+    return kind
 
 
 def valid_host(host: bytes) -> bool:
@@ -274,7 +292,7 @@ class Exchange:
             host = authority
         elif host is None and version == "1.1":
             return 400
-        if host is not None and not valid_host(host):
+        if host is not None and host not in _VALID_HOSTS and not valid_host(host):
             return 400  # RFC 9112 §3.2: Host is uri-host [":" port], nothing else
         self.host = host
         if tokens and not _CONNECTION_OPTIONS.issuperset(tokens):
@@ -352,11 +370,16 @@ class Exchange:
         self, status: int, headers: list[tuple[bytes, bytes]], closing: bool
     ) -> bytes:
         """The head sent to the client; sets how its body is framed and whether to keep alive."""
-        out = [status_line(status)]
+        out = [STATUS_LINES.get(status) or status_line(status)]
         length = chunked = False
         tokens = None
         for name, value in headers:
-            lname = name.lower()
+            lname = _RESPONSE_FIELDS.get(name)
+            if lname is None:
+                lname = _response_field(name)
+            if not lname:  # a field forwarded as it is
+                out.append(name + b": " + value + CRLF)
+                continue
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
                     # RFC 9112 §6.1: tdproxy decodes "chunked" and re-frames the body; any other
@@ -368,8 +391,7 @@ class Exchange:
                     # A plain "keep-alive" or "close" names no field; anything else may.
                     tokens = (tokens or []) + connection_tokens(value)
                 continue
-            if lname == b"content-length":
-                length = True
+            length = True  # the one other field that matters here: Content-Length
             out.append(name + b": " + value + CRLF)
         http11 = self.version == "1.1"
         if self.head_only or status == 204 or status == 304:

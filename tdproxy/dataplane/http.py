@@ -26,19 +26,19 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
-_STATUS_LINES: dict[int, bytes] = {}
+STATUS_LINES: dict[int, bytes] = {}
 
 
 def status_line(code: int) -> bytes:
     """``HTTP/1.1 <code> <standard reason>\\r\\n`` (empty reason for an unknown code), cached;
     llhttp allows only three-digit codes, so the cache stays small."""
-    line = _STATUS_LINES.get(code)
+    line = STATUS_LINES.get(code)
     if line is None:
         try:
             reason = HTTPStatus(code).phrase.encode()
         except ValueError:
             reason = b""
-        line = _STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason)
+        line = STATUS_LINES[code] = b"HTTP/1.1 %d %s\r\n" % (code, reason)
     return line
 
 

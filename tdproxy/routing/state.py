@@ -53,8 +53,9 @@ class BackendState:
         self._ring = [0] * SHARE_WINDOW_SECONDS
         self._ring_second = [-1] * SHARE_WINDOW_SECONDS
 
-    def record_response(self, status: int, now_second: int) -> None:
-        """Count one answered request (the hot path's only per-request bookkeeping here)."""
+    def record_response(self, status: int, now_second: int, seconds: float | None = None) -> None:
+        """Count one answered request, and its duration when given (the hot path's only
+        per-request bookkeeping here, in one call)."""
         requests = self.requests
         requests[status] = requests.get(status, 0) + 1
         slot = now_second % SHARE_WINDOW_SECONDS
@@ -62,6 +63,9 @@ class BackendState:
             self._ring_second[slot] = now_second
             self._ring[slot] = 0
         self._ring[slot] += 1
+        if seconds is not None:
+            self.duration_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+            self.duration_sum += seconds
 
     def record_duration(self, seconds: float) -> None:
         self.duration_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
