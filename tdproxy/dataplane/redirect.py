@@ -10,11 +10,20 @@ log = logging.getLogger("tdproxy.entrypoint")
 
 
 def https_location(host: str, path_qs: str, https_port: int) -> str:
-    """``https://`` + the request's host (its port replaced by the HTTPS port) + its target."""
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    """``https://`` + the request's host name + its target.
+
+    The port: a client that reached the default port 80 (no port in ``Host``, or ``:80``) is
+    sent to the default HTTPS port 443 too; that also holds behind a port mapping such as
+    ``80 -> 8080``, ``443 -> 8443``. A client that named another port reached tdproxy's ports as
+    they are, so it is sent to the entrypoint's own port."""
+    if host.endswith("]") or ":" not in host:
+        name, named_port = host, False  # no port (an IPv6 literal ends with "]")
+    else:
+        name, given = host.rsplit(":", 1)
+        named_port = given != "80"
     if not name:
         name = "localhost"
-    port = "" if https_port == 443 else f":{https_port}"
+    port = "" if not named_port or https_port == 443 else f":{https_port}"
     return f"https://{name}{port}{path_qs}"
 
 

@@ -171,6 +171,28 @@ def test_redirect_port_sends_clients_to_https(tls: TlsSetup, method: str, status
     assert response.header("Location") == f"https://{HOST}:{tls.proxy.port}{target}"
 
 
+@pytest.mark.parametrize(
+    ("host", "location"),
+    [
+        # No port (or :80): the client came in on the default port, so it goes to 443, also
+        # when tdproxy itself listens elsewhere behind a port mapping.
+        ("www.example.com", "https://www.example.com/p?q=1"),
+        ("www.example.com:80", "https://www.example.com/p?q=1"),
+        ("[2001:db8::1]", "https://[2001:db8::1]/p?q=1"),
+        # Another port: tdproxy's ports are reached as they are, so the entrypoint's own.
+        ("www.example.com:8080", "https://www.example.com:{port}/p?q=1"),
+        ("[2001:db8::1]:8080", "https://[2001:db8::1]:{port}/p?q=1"),
+    ],
+)
+def test_the_redirect_port_follows_the_port_the_client_used(
+    tls: TlsSetup, host: str, location: str
+) -> None:
+    with RawClient(HOST, tls.redirect_port) as raw:
+        response = raw.request("GET", "/p?q=1", headers=[("Host", host)])
+    assert response.status == 301
+    assert response.header("Location") == location.format(port=tls.proxy.port)
+
+
 def test_the_redirect_leads_to_a_working_https_page(tls: TlsSetup) -> None:
     response = client.request(f"http://{HOST}:{tls.redirect_port}/echo?from=redirect")
     location = response.header("Location")
