@@ -95,8 +95,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         if self._in_head:
             # Bytes of a response head so far (all earlier reads of this exchange ended inside
-            # a head): an endless head fails here rather than growing in memory.
-            if self._head_bytes > MAX_RESPONSE_HEAD:
+            # a head): an endless head fails here rather than growing in memory. The slack is
+            # for framing (": ", CRLF), which the exact limit in on_headers_complete leaves out.
+            if self._head_bytes > MAX_RESPONSE_HEAD + 65536:
                 client.upstream_failed(self, "protocol")
                 return
             self._head_bytes += len(data)

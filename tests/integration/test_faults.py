@@ -123,6 +123,25 @@ SCRIPTS: dict[str, Sequence[Step]] = {
     **{path: [data] for path, data in BROKEN_RESPONSES.items()},
     **{path: [data] for path, data in BAD_CHUNKS.items()},
     "/partial-head-then-hang": [b"HTTP/1.1 200 OK\r\nContent-Type: text/pl", HANG],
+    # A head that never ends, in many writes: refused as broken (502), not left to time out (504).
+    "/endless-head": [
+        b"HTTP/1.1 200 OK\r\n",
+        *(
+            b"".join(b"X-More-%d: %s\r\n" % (n, b"m" * 100) for n in range(k, k + 100))
+            for k in range(0, 4000, 100)
+        ),
+        HANG,
+    ],
+    # Under the limit (64 KiB of names and values), over it with the ": " and CRLF framing, and
+    # in many writes: served.
+    "/big-head-in-pieces": [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+        *(
+            b"".join(b"X-F%04d: %s\r\n" % (n, b"f" * 50) for n in range(k, k + 50))
+            for k in range(0, 1100, 50)
+        ),
+        b"\r\nok",
+    ],
     "/bad-chunk-later": [
         head_with(b"Transfer-Encoding: chunked") + GOOD_CHUNK,
         Gate("bad-chunk-later"),
@@ -375,6 +394,21 @@ def test_a_broken_response_gives_502_and_its_connection_is_not_reused(
         response = faulty_request(proxy, "scripted", path)
     assert_generated(response, 502)
     assert_discarded(scripted, proxy, path)
+
+
+def test_an_endless_response_head_is_refused_as_broken(proxy: ProxyProcess) -> None:
+    before = upstream_errors(proxy, "scripted").get("protocol", 0)
+    response = faulty_request(proxy, "scripted", "/endless-head")
+    assert_generated(response, 502)  # the size bound, not the response timeout (504)
+    assert upstream_errors(proxy, "scripted").get("protocol", 0) == before + 1
+
+
+def test_a_large_head_under_the_limit_arriving_in_pieces_is_served(proxy: ProxyProcess) -> None:
+    response = faulty_request(proxy, "scripted", "/big-head-in-pieces")
+    assert response.status == 200, (response.status, response.body[:200])
+    assert response.body == b"ok"
+    assert response.header("X-F1099") == "f" * 50
+    assert len([name for name, _ in response.headers if name.startswith("X-F")]) == 1100
 
 
 @pytest.mark.parametrize("path", sorted(BAD_CHUNKS))
