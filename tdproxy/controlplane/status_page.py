@@ -58,6 +58,7 @@ FIELD_KINDS: dict[str, str] = {
     "ready": "ready",
     "uptime_seconds": "age",
     "connections_active": "int",
+    "unrouted_requests": "counts",
     "last_reload.time": "since",
     "last_reload.ok": "result",
     "last_reload.trigger": "text",
@@ -126,6 +127,8 @@ def format_value(kind: str, value: Any, now: float) -> str:
         return "backup" if value else ""
     if kind == "lines":
         return "\n".join(value)
+    if kind == "counts":  # {"503": 7, ...}: the keys come sorted, as JavaScript orders them
+        return ", ".join(f"{key}: {count}" for key, count in value.items()) or "none"
     return str(value)
 
 
@@ -135,6 +138,8 @@ def _raw(value: Any) -> str:
         return ""
     if isinstance(value, list):
         return "\n".join(value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))  # as JSON.stringify writes it
     if isinstance(value, float):
         return _js_number(value)
     return json.dumps(value) if isinstance(value, bool | int) else str(value)
@@ -245,12 +250,17 @@ _SCRIPT_TEMPLATE = """
       case "result": return v ? "ok" : "failed";
       case "backup": return v ? "backup" : "";
       case "lines": return v.join("\\n");
+      case "counts": {
+        const parts = Object.keys(v).map((key) => key + ": " + v[key]);
+        return parts.length ? parts.join(", ") : "none";
+      }
       default: return String(v);
     }
   }
   function raw(v) {
     if (v === null || v === undefined) return "";
-    return Array.isArray(v) ? v.join("\\n") : String(v);
+    if (Array.isArray(v)) return v.join("\\n");
+    return typeof v === "object" ? JSON.stringify(v) : String(v);
   }
   function lookup(obj, field) {
     let v = obj;
@@ -392,6 +402,7 @@ def _summary(status: Mapping[str, Any], now: float) -> str:
             _field("div", "last_reload.pending_restart", status, now, "lines pending"),
         ),
         ("Connections", f("connections_active")),
+        ("Answered without a backend", f("unrouted_requests")),
         ("Uptime", f"{f('uptime_seconds')} (version {f('version')})"),
     )
     return "<dl>" + "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in rows) + "</dl>"

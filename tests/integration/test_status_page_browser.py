@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import signal
@@ -231,6 +232,11 @@ def assert_page_matches(dom: StatusDom, doc: Mapping[str, Any]) -> None:
         assert dom.page[key].text == str(doc[key]), (key, dom.page[key], doc[key])
     assert dom.page["ready"].value == str(doc["ready"]).lower()
     assert dom.page["last_reload.ok"].value == str(doc["last_reload"]["ok"]).lower()
+    unrouted = doc["unrouted_requests"]
+    assert dom.page["unrouted_requests"].value == json.dumps(unrouted, separators=(",", ":"))
+    assert dom.page["unrouted_requests"].text == (
+        ", ".join(f"{code}: {count}" for code, count in unrouted.items()) or "none"
+    )
     assert dom.row_order == [b["name"] for b in doc["backends"]]
     for backend in doc["backends"]:
         row = dom.backends[backend["name"]]
@@ -376,12 +382,17 @@ def test_status_page_in_chromium_shows_the_status_api_numbers(
         message="grey marked down, blue and green up",
     )
     assert sorted(hits(proxy, 40)) == ["blue"] * 30 + ["green"] * 10
+    for _ in range(2):  # refused before any backend: shown as "400: 2"
+        with RawClient(proxy.host, proxy.port) as raw:
+            raw.send(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            assert raw.read_response().status == 400
 
     # 1. The page as the browser shows it after its script ran, against the JSON.
     dom = parse_dom(dump_dom(chromium, tmp_path / "first", proxy.admin_url + "/status"))
     assert_page_matches(dom, status(proxy))
     assert dom.backends["grey"]["healthy"].text == "down"
     assert dom.backends["blue"]["observed_share"].text == "75.0%"
+    assert dom.page["unrouted_requests"].text == "400: 2"
 
     # 2. A reload that changes weights and adds a backend, applied while the page's first
     # refresh is held: the DOM can only show it if the script fetched and rendered it.
