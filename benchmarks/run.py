@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-t", "--threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("-c", "--connections", type=int, default=50, help="wrk connections")
     parser.add_argument("-d", "--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("-r", "--rounds", type=int, default=3, help="rounds over all targets")
+    parser.add_argument("-r", "--rounds", type=int, default=5, help="rounds over all targets")
     parser.add_argument("--warmup", type=int, default=2, help="unrecorded seconds per target")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s, 1 s warm-up")
     parser.add_argument(
