@@ -106,7 +106,6 @@ class ClientConnection(ResponseRelay):
         self._read_size = 0
         self._upgrading: Exchange | None = None
         self._resumed_body: Exchange | None = None
-        self._peer_fields = PeerFields(self.peer, ctx.scheme)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -169,10 +168,7 @@ class ClientConnection(ResponseRelay):
                 self._dispatch_deferred()
             return
         if self._dispatch_pending:
-            self._dispatch_pending = False
-            active = self._active
-            if active is not None and active.table is None and not active.finished:
-                self._activate(active)
+            self._dispatch_deferred()
         parsing = self._parsing
         if parsing is None:
             return
@@ -276,17 +272,18 @@ class ClientConnection(ResponseRelay):
             > settings.max_header_bytes
         ):
             raise _Reject(431)
+        upgrade = parser.should_upgrade()
         code = exchange.parse_head(
             parser.get_method(),
             parser.get_http_version(),
             parser.should_keep_alive(),
-            parser.should_upgrade(),
+            upgrade,
             self.ctx,
             self._peer_fields,
         )
         if code:
             raise _Reject(code)
-        if parser.should_upgrade():
+        if upgrade:
             # llhttp stops after any upgrade request, as if it had no body; see _resume_parsing.
             self._upgrading = exchange
             exchange.upgrade_body = exchange.body_mode != BODY_NONE
@@ -516,9 +513,7 @@ class ClientConnection(ResponseRelay):
         target = exchange.target_backend
         if target is not None:
             state = target.state
-            if exchange.counted:  # exchange.end_attempt(), inlined on the per-request path
-                exchange.counted = False
-                state.in_flight -= 1
+            exchange.end_attempt()
             state.record_response(
                 status, ctx.clock.second, time.monotonic() - exchange.monotonic_start
             )

@@ -138,9 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
             if client._batch is batch:
                 client._batch = None
                 if batch:
-                    transport = client.transport  # client.send_batch(), inlined
-                    if transport is not None and not transport.is_closing():
-                        transport.write(b"".join(batch))
+                    client.send_batch(batch)
                     active = client._active
                     if active is not None:
                         active.batch = None  # sent: nothing in it can be taken back now
