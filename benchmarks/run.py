@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import ctypes
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -35,10 +33,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from string import Template
 from typing import Any
+
+from processes import Child, Children, tdproxy_source
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
@@ -47,7 +47,6 @@ TARGETS = ("backend", "nginx", "tdproxy")
 NOFILE_WANTED = 65536
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
-PR_SET_PDEATHSIG = 1
 
 
 def log(message: str) -> None:
@@ -189,69 +188,6 @@ def raise_nofile_limit() -> int:
 
 
 # --------------------------------------------------------------------------- child processes
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if this script dies without cleaning up."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@dataclasses.dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
-
-
-class Children:
-    """Starts child processes in their own sessions and always stops them again."""
-
-    def __init__(self) -> None:
-        self._children: list[Child] = []
-
-    def start(self, name: str, argv: list[str], log_path: Path, **kwargs: Any) -> Child:
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-                **kwargs,
-            )
-        child = Child(name, proc, log_path)
-        self._children.append(child)
-        return child
-
-    def sessions(self) -> frozenset[int]:
-        """Session ids of the children (each was started as a session leader)."""
-        return frozenset(c.proc.pid for c in self._children)
-
-    def stop_all(self) -> None:
-        while self._children:
-            self._stop(self._children.pop())
-
-    @staticmethod
-    def _stop(child: Child) -> None:
-        proc = child.proc
-        if proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log(f"{child.name} (pid {proc.pid}) ignored SIGTERM: killing its process group")
-            os.killpg(proc.pid, signal.SIGKILL)  # the leader is alive, so the group is ours
-            proc.wait()
 
 
 def free_port() -> int:
@@ -638,27 +574,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git(*argv: str) -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), *argv], capture_output=True, text=True, check=False
-        )
-    except OSError:
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def tdproxy_source() -> str:
-    """Which tdproxy was measured: the git commit (if any) and a hash of the package's sources."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "tdproxy").rglob("*.py")):
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    commit = _git("rev-parse", "--short", "HEAD") or "no commit"
-    if _git("status", "--porcelain", "--", "tdproxy"):
-        commit += " + uncommitted changes"
-    return f"git {commit}, sources sha256 {digest.hexdigest()[:12]}"
-
-
 def machine_description() -> dict[str, str]:
     return {
         "cpu": cpu_model(),
@@ -979,7 +894,7 @@ def run(args: argparse.Namespace, children: Children, tmp: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    children = Children()
+    children = Children(STOP_TIMEOUT, log)
     tmp = Path(tempfile.mkdtemp(prefix="tdbench-"))
     tmp.chmod(0o755)  # nginx workers run as nobody when started by root
     code = 1

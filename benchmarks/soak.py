@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -55,11 +54,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from processes import Children, log_tail, tdproxy_source
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 HOST = "127.0.0.1"
-PR_SET_PDEATHSIG = 1
+# Every child runs from the repository root with it on PYTHONPATH, its output unbuffered.
+CHILD_SETTINGS: dict[str, Any] = {
+    "cwd": REPO_ROOT,
+    "env": {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+    },
+}
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 20.0
 OP_TIMEOUT = 30.0  # no single operation may take longer
@@ -123,51 +131,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- child processes
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if this script dies without cleaning up."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class Children:
-    """Every child process this script started; ``stop_all`` always stops them."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env["PYTHONUNBUFFERED"] = "1"
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches this script only; it stops the children
-                preexec_fn=_die_with_parent,
-            )
-        self.procs.append((name, proc))
-        return proc
-
-    def stop_all(self) -> None:
-        while self.procs:
-            name, proc = self.procs.pop()
-            if proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log(f"{name} (pid {proc.pid}) ignored SIGTERM: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 async def wait_for_log(
     path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float, offset: int = 0
 ) -> re.Match[str]:
@@ -183,17 +146,11 @@ async def wait_for_log(
             if match:
                 return match
         if proc.poll() is not None:
-            raise SoakError(f"{path.name}: the process exited ({proc.returncode}):\n{tail(path)}")
+            raise SoakError(
+                f"{path.name}: the process exited ({proc.returncode}):\n{log_tail(path)}"
+            )
         await asyncio.sleep(0.05)
-    raise SoakError(f"{path.name}: {pattern!r} not seen within {timeout:.0f}s:\n{tail(path)}")
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+    raise SoakError(f"{path.name}: {pattern!r} not seen within {timeout:.0f}s:\n{log_tail(path)}")
 
 
 class Backend:
@@ -212,7 +169,9 @@ class Backend:
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             argv = [sys.executable, "-m", "tests.fakes.backend", "--name", self.name]
             argv += ["--host", HOST, "--port", str(self.port)]
-            proc = self.children.start(f"backend {self.name}", argv, self.log_path)
+            proc = self.children.start(
+                f"backend {self.name}", argv, self.log_path, append=True, **CHILD_SETTINGS
+            ).proc
             try:
                 match = await wait_for_log(
                     self.log_path, r"LISTENING (\d+)", proc, READY_TIMEOUT, offset
@@ -324,30 +283,6 @@ def loadavg() -> float:
             return float(handle.read().split()[0])
     except OSError:
         return float("nan")
-
-
-def source_revision() -> str:
-    """The checked-out commit of the repository, with ``+changes`` if the tree is modified."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "tdproxy"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + (" +changes in tdproxy/" if dirty else "")
 
 
 def machine_info() -> dict[str, Any]:
@@ -623,7 +558,7 @@ class Soak:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
-        self.children = Children()
+        self.children = Children(STOP_TIMEOUT, log)
         self.backends = [Backend("blue", self.children, tmp), Backend("green", self.children, tmp)]
         self.config_path = tmp / "tdproxy.yaml"
         self.proxy_log = tmp / "tdproxy.log"
@@ -640,7 +575,7 @@ class Soak:
         self.load: Load | None = None
         self._last_cpu: tuple[float, float] | None = None
         self.admin: aiohttp.ClientSession | None = None
-        self.revision = source_revision()
+        self.revision = tdproxy_source()
 
     # -- setup --
 
@@ -649,7 +584,9 @@ class Soak:
             await backend.start()
         write_atomically(self.config_path, config_text(self.backends, self.weights, self.args.idle))
         argv = [sys.executable, "-m", "tdproxy", "run", "--config", str(self.config_path)]
-        self.proxy = self.children.start("tdproxy", argv, self.proxy_log)
+        self.proxy = self.children.start(
+            "tdproxy", argv, self.proxy_log, append=True, **CHILD_SETTINGS
+        ).proc
         match = await wait_for_log(
             self.proxy_log, r"entrypoint listening on http://[^:]+:(\d+)", self.proxy, READY_TIMEOUT
         )
@@ -717,7 +654,9 @@ class Soak:
         }
         self.samples.append(sample)
         if self.proxy is not None and self.proxy.poll() is not None:
-            raise SoakError(f"tdproxy exited ({self.proxy.returncode}):\n{tail(self.proxy_log)}")
+            raise SoakError(
+                f"tdproxy exited ({self.proxy.returncode}):\n{log_tail(self.proxy_log)}"
+            )
         return sample
 
     # -- background actions --
