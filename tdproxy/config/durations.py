@@ -1,4 +1,6 @@
-"""Durations as the YAML writes them: ``500ms``, ``3s``, ``2m``, ``1h`` or a number of seconds."""
+"""Durations as the YAML writes them: ``500ms``, ``3s``, ``2m``, ``1h`` or a number of seconds.
+
+Every duration is greater than 0; a key that can be switched off takes ``null`` for that."""
 
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ def parse_duration(value: object) -> float:
         raise ValueError("must be a finite duration")
     if seconds < 0:
         raise ValueError("must not be negative")
+    if seconds == 0:
+        # A zero deadline fires at once (every request would time out); "off" is spelled null,
+        # and only where the key says so.
+        raise ValueError("must be greater than 0")
     return seconds
 
 

@@ -186,13 +186,6 @@ class HealthCheck(_Model):
             raise ValueError("needs at least one status code")
         return items
 
-    @field_validator("interval")
-    @classmethod
-    def _check_interval(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than 0")
-        return value
-
     def accepts(self, status: int) -> bool:
         return any(low <= status <= high for low, high in self.expect_status)
 
@@ -204,6 +197,9 @@ class Timeouts(_Model):
     client_body: Duration = 60.0
     idle: Duration = 75.0
     shutdown_grace: Duration = 30.0
+    client_send: Duration = 60.0  # a client that accepts no bytes this long is cut off
+    tunnel_idle: Duration | None = None  # a WebSocket tunnel silent both ways; null = never
+    upstream_idle: Duration = 30.0  # pooled backend connections idle this long are closed
 
 
 class Limits(_Model):

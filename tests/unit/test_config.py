@@ -169,10 +169,8 @@ def test_default_path_is_the_shipped_file() -> None:
         ("250 ms", 0.25),
         (" 3s ", 3.0),
         ("7", 7.0),
-        ("0", 0.0),
         (5, 5.0),
         (0.1, 0.1),
-        (0, 0.0),
     ],
 )
 def test_parse_duration_accepts(text: object, seconds: float) -> None:
@@ -246,6 +244,36 @@ def test_negative_duration_is_reported_with_its_key_path() -> None:
 def test_health_interval_must_be_positive() -> None:
     errors = errors_with(health_check={"interval": "0s"})
     assert errors == ["health_check.interval: must be greater than 0"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("timeouts", "connect"),
+        ("timeouts", "response_header"),
+        ("timeouts", "client_header"),
+        ("timeouts", "client_body"),
+        ("timeouts", "idle"),
+        ("timeouts", "shutdown_grace"),
+        ("timeouts", "client_send"),
+        ("timeouts", "tunnel_idle"),
+        ("timeouts", "upstream_idle"),
+        ("health_check", "timeout"),
+    ],
+)
+@pytest.mark.parametrize("zero", [0, "0", "0s", "0ms", 0.0])
+def test_zero_durations_are_refused_with_their_key_path(
+    section: str, key: str, zero: object
+) -> None:
+    assert errors_with(**{section: {key: zero}}) == [f"{section}.{key}: must be greater than 0"]
+
+
+def test_new_timeouts_have_safe_defaults() -> None:
+    timeouts = config().timeouts
+    assert timeouts.client_send == 60.0
+    assert timeouts.tunnel_idle is None  # off unless asked for
+    assert timeouts.upstream_idle == 30.0
+    assert config(timeouts={"tunnel_idle": "1h"}).timeouts.tunnel_idle == 3600.0
 
 
 def test_duration_fields_are_not_nullable() -> None:
