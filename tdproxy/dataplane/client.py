@@ -4,25 +4,35 @@ Theory of operation
 -------------------
 Requests on a connection are answered strictly in order. httptools parses as much as each read
 holds, so pipelined requests may be parsed while an earlier one is still being answered: a parsed
-request whose turn has not come waits in ``_queue`` with its (small, bounded) body buffered, and
-reading pauses once the queue is long. The request at the head, ``_active``, owns at most one
-:class:`UpstreamConnection` at a time.
+request whose turn has not come waits in ``_queue`` with its (small, bounded) body buffered. The
+request at the head, ``_active``, owns at most one :class:`UpstreamConnection` at a time. The
+queue is capped: past ``PIPELINE_LIMIT`` waiting requests, reading pauses and the rest of a large
+read is kept unparsed until the queue drains.
+
+The connection's state (``state``) and each request's state (``Exchange.state``) are the named
+values of :mod:`tdproxy.dataplane.lifecycle`, which also lists the transitions and the deadline
+of every state. A request that tdproxy refuses (4xx) becomes an exchange too: it takes its place
+in the queue behind every complete request read before it, so those are answered first, in order,
+and then the refusal goes out and the connection closes.
 
 Flow control is explicit: a full upstream write buffer pauses reading from the client, a full
 client write buffer pauses reading from the upstream, and a request body that arrives before the
 upstream connection is ready pauses reading past a small buffer. Several reasons can hold reading
 paused at once (``_pause_bits``); reading resumes when the last one clears.
 
-Timeouts are deadlines (``deadline``, on the coarse clock) that the server's sweeper checks a few
-times a second, so the per-request cost of a timeout is one float store, not a timer handle.
+Timeouts are deadlines on the coarse clock that the server's sweeper checks a few times a second
+(:meth:`ClientConnection.check_deadline`), so the per-request cost of a timeout is one float
+store, not a timer handle.
 
-Invariants: a response is never presented as complete unless it is (a broken upstream response
-after bytes have reached the client aborts the client connection); an upstream connection goes
-back to the pool only after a complete exchange in which the whole request was sent.
+Invariants: every connection reaches CLOSED (each state is bounded, and the backstop catches a
+state that is not); a response is never presented as complete unless it is (a broken upstream
+response after bytes have reached the client aborts the client connection); an upstream
+connection goes back to the pool only after a complete exchange in which the whole request was
+sent.
 
-The class is layered: :class:`~tdproxy.dataplane.client_io.ClientIO` (writing, pausing,
-deadlines, closing) -> :class:`~tdproxy.dataplane.relay.ResponseRelay` (the backend's answer back
-to the client) -> :class:`ClientConnection` (reading requests, choosing, connecting, retrying,
+The class is layered: :class:`~tdproxy.dataplane.client_io.ClientIO` (state, writing, pausing,
+closing) -> :class:`~tdproxy.dataplane.relay.ResponseRelay` (the backend's answer back to the
+client) -> :class:`ClientConnection` (reading requests, choosing, connecting, retrying,
 finishing). Each layer is a few hundred lines that can be read on its own.
 """
 
@@ -36,29 +46,28 @@ from typing import cast
 
 import httptools
 
-from tdproxy.dataplane.client_io import (
-    DL_BODY,
-    DL_HEADER,
-    DL_IDLE,
-    DL_LINGER,
-    DL_NONE,
-    INF,
-    PAUSE_BUFFER,
-    PAUSE_QUEUE,
-    PAUSE_UPSTREAM,
-)
+from tdproxy.dataplane.client_io import INF, PAUSE_BUFFER, PAUSE_QUEUE, PAUSE_UPSTREAM
 from tdproxy.dataplane.context import ProxyContext
-from tdproxy.dataplane.exchange import (
-    BODY_CHUNKED,
-    BODY_NONE,
-    Exchange,
-    PeerFields,
-)
-from tdproxy.dataplane.http import (
-    CRLF,
-    LAST_CHUNK,
-    error_body_length,
-    error_response,
+from tdproxy.dataplane.exchange import BODY_CHUNKED, BODY_NONE, Exchange, PeerFields
+from tdproxy.dataplane.http import CRLF, LAST_CHUNK, error_body_length, error_response
+from tdproxy.dataplane.lifecycle import (
+    ABORTED,
+    BODY,
+    BUSY,
+    CLOSED,
+    CLOSING,
+    CONNECTING,
+    DONE,
+    ENDING,
+    HEAD,
+    IDLE,
+    LINGER,
+    QUEUED,
+    RELAYING,
+    TUNNEL,
+    WAITING,
+    connection_state_name,
+    exchange_state_name,
 )
 from tdproxy.dataplane.relay import ResponseRelay
 from tdproxy.dataplane.upstream import UpstreamConnection
@@ -68,6 +77,9 @@ log = logging.getLogger("tdproxy.dataplane")
 
 BODY_BUFFER_LIMIT = 256 * 1024
 PIPELINE_LIMIT = 16
+# While a request is in progress, a large read is parsed in slices of this size, so that the
+# pipeline queue stops growing at PIPELINE_LIMIT plus what one slice can hold.
+PARSE_SLICE = 4096
 REPLAY_LIMIT = 64 * 1024
 # Bytes of chunked framing allowed beyond the body: per chunk (size line, CRLFs, a short
 # extension) plus a fixed allowance for the first read and trailers.
@@ -81,15 +93,14 @@ class ClientConnection(ResponseRelay):
     __slots__ = (
         "_dispatch_pending",
         "_head_bytes",
-        "_input_done",
         "_parser",
         "_parsing",
         "_peer_fields",
-        "_pending_reject",
         "_queue",
         "_read_size",
-        "_resumed_body",
+        "_resuming",
         "_starting",
+        "_unparsed",
         "_upgrading",
     )
 
@@ -100,12 +111,11 @@ class ClientConnection(ResponseRelay):
         self._queue: deque[Exchange] = deque()
         self._head_bytes = 0
         self._starting = False
-        self._pending_reject = 0
-        self._input_done = False
         self._dispatch_pending = False
         self._read_size = 0
+        self._unparsed = b""
         self._upgrading: Exchange | None = None
-        self._resumed_body: Exchange | None = None
+        self._resuming: Exchange | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -114,16 +124,17 @@ class ClientConnection(ResponseRelay):
         ctx = self.ctx
         if len(ctx.connections) >= ctx.max_connections or ctx.shutting_down:
             self.transport.abort()
-            self._closed = True
+            self.lost()
             return
         ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
         self._peer_fields = PeerFields(self.peer, ctx.scheme)
-        self._set_deadline(DL_IDLE, ctx.settings.idle)
+        self.deadline = ctx.clock.now + ctx.settings.idle
 
     def data_received(self, data: bytes) -> None:
+        self.progress = self.ctx.clock.now
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.write(data)
@@ -135,15 +146,37 @@ class ClientConnection(ResponseRelay):
             if len(waiting.tunnel_data) > BODY_BUFFER_LIMIT:
                 self._set_pause(PAUSE_BUFFER, True)
             return
-        if self._input_done or (
-            self._closing
-            and (
-                self._pending_reject
-                or self._lingering
-                or (self._parsing is None and self._active is None)
-            )
-        ):
-            return  # refused, finished or told to close: whatever else arrives is discarded
+        if self.state > BUSY:
+            return  # ENDING and after: whatever else arrives is discarded
+        if self._unparsed:
+            self._unparsed += data  # kept in order behind what waits for the queue to drain
+            return
+        if len(data) > PARSE_SLICE and self._active is not None:
+            self._unparsed = data
+            self._parse_unparsed()
+        else:
+            self._parse(data)
+
+    def _parse_unparsed(self) -> None:
+        """Parse the kept bytes slice by slice while the pipeline queue has room."""
+        data, self._unparsed = self._unparsed, b""
+        size = len(data)
+        position = 0
+        while position < size:
+            if len(self._queue) >= PIPELINE_LIMIT:
+                self._unparsed = data[position:]
+                self._set_pause(PAUSE_QUEUE, True)
+                return
+            end = position + PARSE_SLICE
+            self._parse(data[position:end])
+            position = end
+            if position < size and (self._upgrade_wait is not None or self._tunnel is not None):
+                self.data_received(data[position:])  # the rest belongs to the tunnel
+                return
+            if self.state > BUSY:
+                return
+
+    def _parse(self, data: bytes) -> None:
         self._read_size = len(data)
         try:
             self._parser.feed_data(data)
@@ -154,59 +187,59 @@ class ClientConnection(ResponseRelay):
             return
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Reject):
-                self.reject(exc.__context__.code)
+                self.refuse(exc.__context__.code)
             else:
                 log.exception("internal error while handling a request from %s", self.peer)
-                self.reject(500 if self._active is None else 502)
-            return
+                self.refuse(500)
         except httptools.HttpParserError:
-            if not self._input_done:
-                self.reject(400)
-            elif self._dispatch_pending:
-                # llhttp also errors on bytes after a "close" request: those are ignored, and
-                # the request before them goes ahead.
-                self._dispatch_deferred()
-            return
+            # llhttp also errors on bytes after a "close" request (ENDING by then): those are
+            # ignored, and the request before them goes ahead.
+            if self.state != ENDING:
+                self.refuse(400)
         if self._dispatch_pending:
+            # After the refusal above, if any: a refusal of this very request wins over its
+            # dispatch; a refusal of a later one is queued behind it.
             self._dispatch_deferred()
         parsing = self._parsing
         if parsing is None:
             return
-        if not parsing.head_done:
+        if self.state == HEAD:
             self._head_bytes += len(data)
             if self._head_bytes > self.ctx.settings.max_head_bytes:
-                self.reject(431)
+                self.refuse(431)
         elif parsing.body_mode == BODY_CHUNKED:
             # Chunk framing (sizes, extensions, trailers) is bounded too: llhttp skips chunk
             # extensions of any length, so count what arrives beyond the body bytes themselves.
             parsing.chunk_overhead += len(data)
             overhead = parsing.chunk_overhead - parsing.body_received
             if overhead > CHUNK_OVERHEAD_BASE + CHUNK_OVERHEAD_PER_CHUNK * parsing.chunks:
-                self.reject(400)
+                self.refuse(400)
 
     def _dispatch_deferred(self) -> None:
         self._dispatch_pending = False
         active = self._active
-        if active is not None and active.table is None and not active.finished:
-            self._activate(active)
+        if active is not None and active.state == QUEUED:
+            self._start(active)
 
     def eof_received(self) -> bool | None:
-        # The client finished sending. Let an answer in progress complete (half-close).
-        if self._lingering:
-            return None
-        if self._active is None and self._parsing is None and not self._queue:
-            return None
-        if self._parsing is not None and self._parsing.head_done and not self._input_done:
+        # The client finished sending. Let the answers owed complete (half-close).
+        state = self.state
+        if state == BODY:
             # Gone in the middle of a request body: that request can never complete.
             self.abort()
             return None
-        self._closing = True  # nothing more will come: close once the answers are out
+        if state not in (HEAD, BUSY, ENDING) or (self._active is None and not self._queue):
+            return None  # nothing owed: close
+        self._parsing = None  # a head cut short by the EOF is dropped
+        if state != ENDING:
+            self.move(ENDING)
+            self.deadline = INF
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self.deadline = INF
+        self.lost()
         self.ctx.connections.discard(self)
+        self._unparsed = b""
         tunnel = self._tunnel
         if tunnel is not None:
             self._tunnel = None
@@ -216,34 +249,29 @@ class ClientConnection(ResponseRelay):
             up = active.upstream
             if up is not None:
                 active.upstream = None
-                if active.response_done:
-                    up.release(self.ctx.clock.now)
-                else:
-                    up.abort()
-            self._finish(active, 499 if not active.head_sent else active.status, keep=False)
+                up.abort()
+            if active.state != RELAYING:
+                active.status = 499  # the client left before any answer
+            self._finish(active, ABORTED, keep=False)
         self._queue.clear()
 
     # -- httptools callbacks (request side) -----------------------------------------------
 
     def on_message_begin(self) -> None:
-        resumed = self._resumed_body
-        if resumed is not None:
-            # The stand-in head of a body being read after an upgrade request (see
-            # _resume_parsing): the exchange exists, only its body is still to come.
-            self._resumed_body = None
-            self._parsing = resumed
+        if self._resuming is not None:
+            # The stand-in head of a body read after an upgrade request (see _resume_parsing):
+            # its callbacks are skipped until the head is complete.
+            self._parsing = None
             return
         ctx = self.ctx
         self._parsing = Exchange()
         self._head_bytes = 0
-        if self._active is None:
-            self._deadline_kind = DL_HEADER  # _set_deadline, inlined on the per-request path
-            self.deadline = ctx.clock.now + ctx.settings.client_header
+        self.move(HEAD)
+        self.deadline = INF if self._pause_bits else ctx.clock.now + ctx.settings.client_header
 
     def on_url(self, url: bytes) -> None:
         exchange = self._parsing
-        assert exchange is not None
-        if exchange.head_done:
+        if exchange is None:
             return  # a stand-in head
         exchange.target += url
         if len(exchange.target) > self.ctx.settings.max_url_bytes:
@@ -251,16 +279,24 @@ class ClientConnection(ResponseRelay):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Only collected here (the hottest callback); the limits are checked once the head is
-        # complete, while data_received bounds the raw bytes held before that.
+        # complete, while _parse bounds the raw bytes held before that.
         exchange = self._parsing
         if exchange is not None:
             exchange.headers.append((name.lower(), name, value))
 
     def on_headers_complete(self) -> None:
         exchange = self._parsing
-        assert exchange is not None
-        if exchange.head_done:
-            return  # a stand-in head
+        if exchange is None:
+            resumed = self._resuming
+            if resumed is None:
+                raise RuntimeError("a request head completed with no request begun")
+            # The stand-in head is done: what follows is the upgrade request's own body.
+            self._resuming = None
+            self._parsing = resumed
+            if self.state != BODY:
+                self.move(BODY)
+            self.deadline = self.ctx.clock.now + self.ctx.settings.client_body
+            return
         parser = self._parser
         exchange.head_done = True
         settings = self.ctx.settings
@@ -288,7 +324,8 @@ class ClientConnection(ResponseRelay):
             self._upgrading = exchange
             exchange.upgrade_body = exchange.body_mode != BODY_NONE
         if exchange.body_mode != BODY_NONE:
-            self._set_deadline(DL_BODY, self.ctx.settings.client_body)
+            self.move(BODY)
+            self.deadline = INF if self._pause_bits else self.ctx.clock.now + settings.client_body
         if self._active is None:
             # Dispatched once this read is parsed, so that a framing error later in the same
             # read refuses the request before any of it reaches a backend.
@@ -304,7 +341,8 @@ class ClientConnection(ResponseRelay):
         limit = self.ctx.settings.max_body_bytes
         if limit is not None and exchange.body_received > limit:
             raise _Reject(413)
-        self.deadline = self.ctx.clock.now + self.ctx.settings.client_body
+        if not self._pause_bits:
+            self.deadline = self.ctx.clock.now + self.ctx.settings.client_body
         if exchange.body_mode == BODY_CHUNKED:
             self._send_body(exchange, b"%x\r\n" % len(body) + body + CRLF)
         else:
@@ -317,21 +355,19 @@ class ClientConnection(ResponseRelay):
 
     def on_message_complete(self) -> None:
         exchange = self._parsing
-        assert exchange is not None
-        if exchange.upgrade_body:
-            return  # its body comes through _resume_parsing
+        if exchange is None or exchange.upgrade_body:
+            return  # an upgrade request's body comes through _resume_parsing
         self._parsing = None
         exchange.request_done = True
-        if not exchange.keep_alive:
-            self._input_done = True  # RFC 9112 §9.6: nothing after a "close" request counts
         if exchange.body_mode == BODY_CHUNKED:
             self._send_body(exchange, LAST_CHUNK)
+        # RFC 9112 §9.6: nothing after a "close" request counts.
+        self.move(BUSY if exchange.keep_alive else ENDING)
+        self.deadline = INF
         if exchange is self._active:
-            self._deadline_kind = DL_NONE
-            self.deadline = INF
-            up = exchange.upstream
-            if up is not None and not exchange.head_sent:
-                up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+            if exchange.state == WAITING:
+                # The whole request is upstream: now the backend has response_header to answer.
+                exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
         elif len(self._queue) >= PIPELINE_LIMIT:
             self._set_pause(PAUSE_QUEUE, True)
 
@@ -348,12 +384,12 @@ class ClientConnection(ResponseRelay):
 
     # -- choosing a backend and connecting --------------------------------------------------
 
-    def _activate(self, exchange: Exchange) -> None:
+    def _start(self, exchange: Exchange) -> None:
+        """The exchange's turn has come: answer a refusal, or choose a backend and send."""
         self._active = exchange
-        if self._deadline_kind != DL_NONE and (
-            exchange.body_mode == BODY_NONE or exchange.request_done
-        ):
-            self._set_deadline(DL_NONE, 0.0)
+        if exchange.refusal:
+            self._respond_error(exchange, exchange.refusal)
+            return
         table = self.ctx.router.table
         exchange.table = table
         target = table.pick(exchange.cookie, exchange.override)
@@ -366,6 +402,14 @@ class ClientConnection(ResponseRelay):
             )
         self._dispatch(exchange, target)
 
+    def _enter(self, exchange: Exchange, state: int) -> bool:
+        if exchange.move(state):
+            return True
+        self.bug(
+            f"exchange state {exchange_state_name(exchange.state)} -> {exchange_state_name(state)}"
+        )
+        return False
+
     def _dispatch(self, exchange: Exchange, target: Target) -> None:
         exchange.target_backend = target
         exchange.tried.append(target)
@@ -374,7 +418,8 @@ class ClientConnection(ResponseRelay):
         up = target.pool.get()
         if up is not None:
             self._attach(exchange, up)
-        else:
+        elif self._enter(exchange, CONNECTING):
+            exchange.deadline = INF  # the connect task is bounded by timeouts.connect
             self.ctx.spawn(self._connect(exchange, target))
 
     async def _connect(self, exchange: Exchange, target: Target) -> None:
@@ -397,8 +442,8 @@ class ClientConnection(ResponseRelay):
             log.debug("connect to %s failed: %s", target.name, exc)
             self._connect_failed(exchange, target, "connect")
             return
-        if exchange is not self._active or self._closed or exchange.finished:
-            up.release(self.ctx.clock.now)
+        if exchange is not self._active or exchange.state != CONNECTING:
+            up.release(self.ctx.clock.now)  # the client left meanwhile: keep it for another
             return
         if not up.usable():
             # Accepted, then closed before we could write: nothing was sent, try elsewhere.
@@ -409,7 +454,7 @@ class ClientConnection(ResponseRelay):
     def _connect_failed(self, exchange: Exchange, target: Target, kind: str) -> None:
         target.state.record_error(kind)
         self.ctx.on_passive_failure(target, kind)
-        if exchange is not self._active or exchange.finished:
+        if exchange is not self._active or exchange.state != CONNECTING:
             return
         exchange.end_attempt()
         # Nothing of the request reached any backend: any method may go elsewhere.
@@ -418,24 +463,28 @@ class ClientConnection(ResponseRelay):
         self._respond_error(exchange, 504 if kind == "timeout" else 502)
 
     def _attach(self, exchange: Exchange, up: UpstreamConnection) -> None:
+        if not self._enter(exchange, WAITING):
+            up.release(self.ctx.clock.now)
+            return
         exchange.upstream = up
         target = exchange.target_backend
         assert target is not None
-        deadline = INF
         if exchange.request_done:
-            deadline = self.ctx.clock.now + self.ctx.settings.response_header
+            exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        else:
+            exchange.deadline = INF  # the body still comes: client_body bounds the client
         head = exchange.request_head(target)
         body = exchange.body
         if body:
-            up.send(self, b"".join([head, *body]), exchange.head_only, deadline)  # one send
+            up.send(self, b"".join([head, *body]), exchange.head_only)  # one send
             for chunk in body:
                 exchange.capture_replay(chunk, REPLAY_LIMIT)
             exchange.body = []
             exchange.body_buffered = 0
             self._set_pause(PAUSE_BUFFER, False)
         else:
-            up.send(self, head, exchange.head_only, deadline)
-        if self._write_paused:
+            up.send(self, head, exchange.head_only)
+        if self.write_paused:
             up.set_reading(False)
 
     def _retry(self, exchange: Exchange, failed: Target, replay: bool) -> bool:
@@ -449,8 +498,7 @@ class ClientConnection(ResponseRelay):
             return False
         failed.state.retries += 1
         if replay:
-            exchange.body = list(exchange.replay or ())
-            exchange.replay = []
+            exchange.body = exchange.take_replay()
             exchange.replayed = True
         if table.sticky:
             exchange.set_cookie = target.set_cookie
@@ -474,12 +522,12 @@ class ClientConnection(ResponseRelay):
     def _resume_parsing(self, body_of: Exchange | None, data: bytes) -> None:
         """Go on parsing HTTP/1.1 with a fresh parser: llhttp will not parse past an upgrade
         request. When that request has a body still to read, the new parser first gets a
-        stand-in head with the same framing, which the callbacks skip, so it reads the body."""
+        stand-in head with the same framing, whose callbacks are skipped, so it reads the body."""
         self._parser = httptools.HttpRequestParser(self)
         self._set_pause(PAUSE_BUFFER, False)
         if body_of is not None:
             body_of.upgrade_body = False
-            self._resumed_body = body_of
+            self._resuming = body_of
             if body_of.body_mode == BODY_CHUNKED:
                 framing = b"Transfer-Encoding: chunked"
             else:
@@ -490,35 +538,38 @@ class ClientConnection(ResponseRelay):
 
     # -- finishing ------------------------------------------------------------------------
 
+    def _closing_after(self, exchange: Exchange) -> bool:
+        """Nothing more will be answered on this connection after ``exchange``."""
+        return self.ctx.shutting_down or (self.state >= ENDING and not self._queue)
+
     def _respond_error(self, exchange: Exchange, code: int) -> None:
-        transport = self.transport
-        keep = exchange.keep_client and exchange.request_done and not self._closing
-        if transport is not None:
-            self._write(error_response(code, close=not keep))
+        keep = exchange.keep_alive and exchange.request_done and not self._closing_after(exchange)
+        self._write(error_response(code, close=not keep))
         exchange.response_bytes = error_body_length(code)
         up = exchange.upstream
         if up is not None:
             exchange.upstream = None
             up.abort()
         exchange.status = code
-        exchange.head_sent = True
         exchange.generated = True
-        self._finish(exchange, code, keep=keep)
+        self._finish(exchange, DONE, keep=keep)
 
-    def _finish(self, exchange: Exchange, status: int, keep: bool) -> None:
-        if exchange.finished:
+    def _finish(self, exchange: Exchange, state: int, keep: bool) -> None:
+        """The exchange ends (DONE or ABORTED): count it, log it, and go on with the next."""
+        if not self._enter(exchange, state):
             return
-        exchange.finished = True
+        exchange.deadline = INF
         ctx = self.ctx
+        status = exchange.status
         target = exchange.target_backend
         if target is not None:
-            state = target.state
+            target_state = target.state
             exchange.end_attempt()
-            state.record_response(
+            target_state.record_response(
                 status, ctx.clock.second, time.monotonic() - exchange.monotonic_start
             )
             if not exchange.generated:
-                state.consecutive_failures = 0
+                target_state.consecutive_failures = 0
         else:
             ctx.count_unrouted(status)
         if ctx.access_log is not None:
@@ -527,100 +578,144 @@ class ClientConnection(ResponseRelay):
             self._active = None
         if self._pause_bits & PAUSE_UPSTREAM:
             self._set_pause(PAUSE_UPSTREAM, False)
-        if self._closed:
+        if self.state >= LINGER:
             return
         if self._upgrade_wait is exchange:
             # The backend declined the WebSocket handshake: back to HTTP for what followed it.
             self._upgrade_wait = None
             pending, exchange.tunnel_data = exchange.tunnel_data, b""
-            if keep and not self._closing:
+            if keep and self.state <= BUSY and not ctx.shutting_down:
                 self._resume_parsing(None, pending)
-            if self._closed:
+            if self.state >= LINGER:
                 return
-        if not keep or not exchange.request_done or self._closing or ctx.shutting_down:
-            if self._tunnel is None:
-                if keep and self._pending_reject:
-                    self._write(error_response(self._pending_reject, close=True))
-                    ctx.count_unrouted(self._pending_reject)
-                if exchange.generated and not exchange.request_done:
-                    self._linger_close()  # refused mid-body: let the client read why
-                else:
-                    self.close()
+        if self.state == TUNNEL:
             return
-        if self._queue:
-            self._set_pause(PAUSE_QUEUE, False)
+        if not keep or ctx.shutting_down:
+            if exchange.generated and not exchange.request_done:
+                self.linger()  # refused before the request was read whole: let it read why
+            else:
+                self.close()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """The active exchange is done: start the next one, or go idle, or close."""
+        queue = self._queue
+        if queue:
+            if self._pause_bits & PAUSE_QUEUE and len(queue) <= PIPELINE_LIMIT:
+                self._set_pause(PAUSE_QUEUE, False)
+                if self._unparsed:
+                    # Not from here: this may run inside a parser callback of this connection.
+                    self.ctx.loop.call_soon(self._resume_unparsed)
             if not self._starting:
                 self._start_queued()
-        elif self._parsing is None:
-            self._deadline_kind = DL_IDLE  # _set_deadline, inlined on the per-request path
-            self.deadline = ctx.clock.now + ctx.settings.idle
-        elif self._parsing.head_done:
-            self._set_deadline(DL_BODY, ctx.settings.client_body)
-        else:
-            self._set_deadline(DL_HEADER, ctx.settings.client_header)
+            return
+        state = self.state
+        if state == BUSY:
+            self.move(IDLE)
+            self.deadline = self.ctx.clock.now + self.ctx.settings.idle
+        elif state == ENDING:
+            self.close()
+        # HEAD or BODY: the next request is arriving, under its own deadline.
+
+    def _resume_unparsed(self) -> None:
+        if self._unparsed and self.state <= BUSY and not self._pause_bits & PAUSE_QUEUE:
+            self._parse_unparsed()
 
     def _start_queued(self) -> None:
         # A loop, not recursion: each queued request may finish at once (a 503, say).
         self._starting = True
         try:
-            while self._queue and self._active is None and not self._closed:
-                self._activate(self._queue.popleft())
+            while self._queue and self._active is None and self.state < LINGER:
+                self._start(self._queue.popleft())
         finally:
             self._starting = False
 
-    def reject(self, code: int) -> None:
-        """Refuse the request being read (4xx/408) and close the connection.
+    def refuse(self, code: int) -> None:
+        """Refuse the request being read (4xx/408) and end the connection after saying so.
 
-        When an earlier request on the connection is still being answered, that answer goes
-        out first and the refusal follows it."""
-        if self._closed or self.transport is None:
+        Every complete request read before it is answered first, in order: the refusal takes
+        its place in the queue behind them, and no more input is read."""
+        if self.state >= LINGER or self.transport is None:
             return
-        self._closing = True
-        exchange = self._active
-        parsing = self._parsing
-        if exchange is not None and not exchange.finished:
-            if parsing is not None and parsing is not exchange:
-                self._pending_reject = code
-                self._queue.clear()
-                return
-            if exchange.head_sent:
-                self.abort()
-                self._finish(exchange, exchange.status, keep=False)
-                return
+        exchange = self._parsing
+        self._parsing = None
+        active = self._active
+        if exchange is not None and exchange is active and exchange.state != QUEUED:
+            # The request being answered now went wrong mid-body, while streaming upstream.
+            if self.state < ENDING:
+                self.move(ENDING)
+            if exchange.state == RELAYING:
+                self.abort()  # its answer is already on its way: cut it, never complete it
+                self._finish(exchange, ABORTED, keep=False)
+            else:
+                self._respond_error(exchange, code)
+            return
+        if exchange is None:
+            exchange = Exchange()  # refused before a request began (garbage at the start)
+        exchange.refusal = code
+        exchange.body = []
+        exchange.body_buffered = 0
+        if active is None or exchange is active:
+            self._active = exchange  # nothing ahead of it: answer now
+            self._dispatch_pending = False
             self._respond_error(exchange, code)
             return
-        self._write(error_response(code, close=True))
-        self.ctx.count_unrouted(code)
-        parsing = self._parsing
-        if parsing is not None and self.ctx.access_log is not None:
-            self.ctx.access_log.log(parsing, self.peer, code, self.ctx.clock)
-        self._linger_close()
+        if exchange not in self._queue:
+            self._queue.append(exchange)
+        if self.state < ENDING:
+            self.move(ENDING)
+        self.deadline = INF
 
     # -- deadlines, pausing, shutdown -----------------------------------------------------
 
     def check_deadline(self, now: float) -> None:
         """Called by the sweeper: act on whatever deadline has passed."""
         active = self._active
-        up = active.upstream if active is not None else None
-        if up is not None and up.deadline <= now:
-            self.upstream_failed(up, "timeout")
-            return
-        if self.deadline > now:
-            return
-        kind = self._deadline_kind
-        if kind in (DL_IDLE, DL_LINGER):
+        if active is not None and active.deadline <= now:
+            self.check_exchange_deadline(active)
+        elif self.send_deadline <= now:
+            log.info(
+                "client %s accepted no bytes for %gs (timeouts.client_send): closing",
+                self.peer.decode(),
+                self.ctx.settings.client_send,
+            )
+            self.abort()  # connection_lost then closes the backend connection too
+        elif self.deadline <= now:
+            self._state_deadline()
+        elif self.state == TUNNEL:
+            tunnel_idle = self.ctx.settings.tunnel_idle
+            if tunnel_idle is not None and now - self.progress >= tunnel_idle:
+                self.close()
+                if self._tunnel is not None:
+                    self._tunnel.close()
+        elif now - self.progress > self.ctx.settings.backstop and self.state != CLOSED:
+            self.bug(
+                f"no progress for {now - self.progress:.0f}s in state "
+                f"{connection_state_name(self.state)} (active: {self._active!r})"
+            )
+
+    def _state_deadline(self) -> None:
+        state = self.state
+        if state in (IDLE, LINGER):
             self.close()
-        elif kind in (DL_HEADER, DL_BODY):
-            self.reject(408)
+        elif state in (HEAD, BODY):
+            self.refuse(408)
+        elif state == CLOSING:
+            self.abort()  # the last bytes never left: the client reads nothing
+        else:
+            self.bug(f"a deadline in state {connection_state_name(state)}")
 
     def shutdown(self) -> None:
         """Graceful stop: close now if idle, else after the answer in progress."""
-        self._closing = True
-        if self._active is None and self._parsing is None and self._tunnel is None:
+        if self.state == IDLE:
             self.close()
 
     def __repr__(self) -> str:
-        return f"<ClientConnection {self.peer.decode()} active={self._active!r}>"
+        return (
+            f"<ClientConnection {self.peer.decode()} {connection_state_name(self.state)} "
+            f"active={self._active!r} queued={len(self._queue)}>"
+        )
 
 
 class _Reject(Exception):

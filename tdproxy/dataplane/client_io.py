@@ -1,55 +1,100 @@
-"""The transport side of a client connection: writing, pausing, deadlines, closing.
+"""The transport side of a client connection: its state, writing, pausing, closing.
 
 :class:`ClientIO` is the bottom layer of :class:`~tdproxy.dataplane.client.ClientConnection`
-(``ClientIO`` -> ``ResponseRelay`` -> ``ClientConnection``). It knows nothing of HTTP: it batches
-writes so that a response arriving in one read leaves in one send, keeps the set of reasons for
-which reading is paused (reading resumes when the last one clears), keeps the one deadline the
-sweeper checks, and closes without losing an error answer (lingering close).
+(``ClientIO`` -> ``ResponseRelay`` -> ``ClientConnection``). It knows nothing of HTTP. It keeps
+the connection's one state value and its read deadline (:mod:`tdproxy.dataplane.lifecycle`),
+batches writes so that a response arriving in one read leaves in one send, keeps the set of
+reasons for which reading is paused (reading resumes when the last one clears, and the read
+deadline is suspended while any holds), arms ``client_send`` while the client accepts no bytes,
+and closes without losing an error answer (lingering close) or waiting forever on a client that
+reads nothing (CLOSING is bounded too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.lifecycle import (
+    BODY,
+    CLOSED,
+    CLOSING,
+    CONNECTION_TRANSITIONS,
+    HEAD,
+    IDLE,
+    LINGER,
+    LINGER_SECONDS,
+    connection_state_name,
+)
 
 INF = math.inf
 PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
 PAUSE_BUFFER = 2  # request bytes are waiting (for an upstream connection, or a handshake)
 PAUSE_QUEUE = 4  # too many pipelined requests are waiting their turn
 
-DL_NONE, DL_IDLE, DL_HEADER, DL_BODY, DL_LINGER = 0, 1, 2, 3, 4
-LINGER_SECONDS = 2.0
+log = logging.getLogger("tdproxy.dataplane")
+
+_NEXT = [CONNECTION_TRANSITIONS[state] for state in range(len(CONNECTION_TRANSITIONS))]
 
 
 class ClientIO(asyncio.Protocol):
     __slots__ = (
         "_batch",
-        "_closed",
-        "_closing",
-        "_deadline_kind",
-        "_lingering",
         "_pause_bits",
-        "_write_paused",
         "ctx",
         "deadline",
         "peer",
+        "progress",
+        "send_deadline",
+        "state",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.peer = b"-"
+        self.state = IDLE
+        # The deadline of the connection state (see lifecycle); INF when the state has none.
         self.deadline = INF
-        self._deadline_kind = DL_NONE
+        # client_send: armed while the client's write buffer is full.
+        self.send_deadline = INF
+        # When anything last moved on this connection (either direction): the backstop and
+        # tunnel_idle are measured from it.
+        self.progress = ctx.clock.now
         self._batch: list[bytes] | None = None
         self._pause_bits = 0
-        self._write_paused = False
-        self._closing = False
-        self._closed = False
-        self._lingering = False
+        self.write_paused = False
+
+    # -- state --------------------------------------------------------------------------------
+
+    def move(self, new: int) -> None:
+        """Enter connection state ``new``; a transition the table does not allow is a bug."""
+        if new not in _NEXT[self.state]:
+            self.bug(
+                f"connection state {connection_state_name(self.state)} -> "
+                f"{connection_state_name(new)}"
+            )
+            return
+        self.state = new
+
+    def bug(self, what: str) -> None:
+        """Something happened that the lifecycle does not allow: log it and close at once."""
+        log.error("bug: %s on the connection from %s; closing it", what, self.peer.decode())
+        self.abort()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin_batch(self) -> bool:
+        """Collect writes until :meth:`end_batch`, so that a response read whole leaves in one
+        send. False when a batch is already open (its opener sends it)."""
+        if self._batch is not None:
+            return False
+        self._batch = []
+        return True
 
     def end_batch(self) -> None:
         batch = self._batch
@@ -72,10 +117,56 @@ class ClientIO(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
+    # -- flow control -------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The client's write buffer is full: from now it has ``client_send`` to take bytes."""
+        self.write_paused = True
+        self.send_deadline = self.ctx.clock.now + self.ctx.settings.client_send
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.send_deadline = INF
+        self.progress = self.ctx.clock.now
+        if self.state == CLOSING:
+            self.deadline = self.ctx.clock.now + self.ctx.settings.client_send
+
+    def _set_pause(self, bit: int, on: bool) -> None:
+        before = self._pause_bits
+        after = before | bit if on else before & ~bit
+        if after == before:
+            return
+        self._pause_bits = after
+        transport = self.transport
+        if transport is None or self.state >= LINGER:
+            return
+        if before == 0:
+            transport.pause_reading()
+            if self.state == HEAD or self.state == BODY:
+                self.deadline = INF  # tdproxy holds the client back: not the client's delay
+        elif after == 0:
+            transport.resume_reading()
+            self.rearm_read_deadline()
+
+    def rearm_read_deadline(self) -> None:
+        settings = self.ctx.settings
+        if self.state == HEAD:
+            self.deadline = self.ctx.clock.now + settings.client_header
+        elif self.state == BODY:
+            self.deadline = self.ctx.clock.now + settings.client_body
+
+    def pause_reading_for_upstream(self, on: bool) -> None:
+        self._set_pause(PAUSE_UPSTREAM, on)
+
+    # -- closing ------------------------------------------------------------------------------
+
     def close(self) -> None:
-        self._closing = True
-        self.deadline = INF
+        """Close once what was written has left; CLOSING is bounded by ``client_send``."""
         self.end_batch()
+        if self.state >= CLOSING:
+            return
+        self.move(CLOSING)
+        self.deadline = self.ctx.clock.now + self.ctx.settings.client_send
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -86,38 +177,23 @@ class ClientIO(asyncio.Protocol):
         if transport is not None:
             transport.abort()
 
-    def _set_deadline(self, kind: int, seconds: float) -> None:
-        self._deadline_kind = kind
-        self.deadline = INF if kind == DL_NONE else self.ctx.clock.now + seconds
-
-    def _set_pause(self, bit: int, on: bool) -> None:
-        before = self._pause_bits
-        after = before | bit if on else before & ~bit
-        if after == before:
-            return
-        self._pause_bits = after
+    def linger(self) -> None:
+        """Close after an error answer without losing it: closing a socket that still holds
+        unread request bytes sends a reset, which can destroy the answer before the client
+        reads it. So half-close, discard what still arrives, and close for good after a
+        moment."""
         transport = self.transport
-        if transport is None or self._closed:
-            return
-        if before == 0:
-            transport.pause_reading()
-        elif after == 0:
-            transport.resume_reading()
-
-    def pause_reading_for_upstream(self, on: bool) -> None:
-        self._set_pause(PAUSE_UPSTREAM, on)
-
-    def _linger_close(self) -> None:
-        """Close after an error without losing it: closing a socket that still holds unread
-        request bytes sends a reset, which can destroy the response before the client reads
-        it. So half-close, discard what still arrives, and close for good after a moment."""
-        transport = self.transport
-        if transport is None or not transport.can_write_eof():
+        if transport is None or not transport.can_write_eof() or self.state >= LINGER:
             self.close()
             return
         self.end_batch()
-        self._lingering = True
-        self._set_pause(PAUSE_BUFFER | PAUSE_QUEUE | PAUSE_UPSTREAM, False)
+        self._set_pause(self._pause_bits, False)  # read, to discard what still arrives
+        self.move(LINGER)
         transport.write_eof()
-        self._deadline_kind = DL_LINGER
         self.deadline = self.ctx.clock.now + LINGER_SECONDS
+
+    def lost(self) -> None:
+        """The transport is gone (``connection_lost``)."""
+        self.state = CLOSED  # from any state: the peer decides this one
+        self.deadline = INF
+        self.send_deadline = INF

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tdproxy.config.model import Config
+from tdproxy.dataplane.lifecycle import BACKSTOP_SLACK, LINGER_SECONDS
 
 if TYPE_CHECKING:
     from tdproxy.dataplane.client import ClientConnection
@@ -20,8 +21,10 @@ class Settings:
     """Timeouts and limits as plain floats/ints, swapped whole on reload."""
 
     __slots__ = (
+        "backstop",
         "client_body",
         "client_header",
+        "client_send",
         "connect",
         "idle",
         "max_body_bytes",
@@ -30,6 +33,8 @@ class Settings:
         "max_headers",
         "max_url_bytes",
         "response_header",
+        "tunnel_idle",
+        "upstream_idle",
     )
 
     def __init__(self, config: Config) -> None:
@@ -39,6 +44,23 @@ class Settings:
         self.client_header = timeouts.client_header
         self.client_body = timeouts.client_body
         self.idle = timeouts.idle
+        self.client_send = timeouts.client_send
+        self.tunnel_idle = timeouts.tunnel_idle
+        self.upstream_idle = timeouts.upstream_idle
+        # No state may go longer than this without progress (see lifecycle): longer than any
+        # deadline a state can set, so it fires only when some state failed to bound itself.
+        self.backstop = (
+            max(
+                timeouts.idle,
+                timeouts.client_header,
+                timeouts.client_body,
+                timeouts.client_send,
+                timeouts.response_header,
+                timeouts.connect,
+            )
+            + LINGER_SECONDS
+            + BACKSTOP_SLACK
+        )
         self.max_header_bytes = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.max_url_bytes = limits.max_url_bytes

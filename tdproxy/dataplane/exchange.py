@@ -8,6 +8,7 @@ applies the same rules to the backend's answer and decides how the body is frame
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -21,14 +22,18 @@ from tdproxy.dataplane.http import (
     split_absolute_form,
     status_line,
 )
+from tdproxy.dataplane.lifecycle import DONE, EXCHANGE_TRANSITIONS, QUEUED, exchange_state_name
 
 if TYPE_CHECKING:
     from tdproxy.dataplane.context import ProxyContext
     from tdproxy.dataplane.upstream import UpstreamConnection
     from tdproxy.routing.table import RoutingTable, Target
 
+INF = math.inf
 BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
 RESP_NONE, RESP_LENGTH, RESP_CHUNKED, RESP_CLOSE = 0, 1, 2, 3
+
+_NEXT = [EXCHANGE_TRANSITIONS[state] for state in range(len(EXCHANGE_TRANSITIONS))]
 
 # What parse_head does with a request field (anything not listed is forwarded as it is).
 _DROP, _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _COOKIE = range(8)
@@ -131,6 +136,10 @@ class PeerFields:
 
 
 class Exchange:
+    """One request and what became of it. Its state (``lifecycle``: QUEUED -> ... -> DONE or
+    ABORTED) and its deadline are its own: nothing of one request's timing leaks into the next
+    one's on the same connection."""
+
     __slots__ = (
         "batch",
         "batch_mark",
@@ -143,11 +152,10 @@ class Exchange:
         "content_length",
         "cookie",
         "counted",
-        "finished",
+        "deadline",
         "generated",
         "head_done",
         "head_only",
-        "head_sent",
         "headers",
         "host",
         "keep_alive",
@@ -156,15 +164,16 @@ class Exchange:
         "middle",
         "monotonic_start",
         "override",
+        "refusal",
         "replay",
         "replay_bytes",
         "replayed",
         "request_done",
         "request_line",
         "response_bytes",
-        "response_done",
         "response_mode",
         "set_cookie",
+        "state",
         "status",
         "table",
         "target",
@@ -179,6 +188,9 @@ class Exchange:
     )
 
     def __init__(self) -> None:
+        self.state = QUEUED
+        self.deadline = INF
+        self.refusal = 0  # a status tdproxy answers with when this request's turn comes
         self.monotonic_start = time.monotonic()
         self.target = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []
@@ -211,18 +223,26 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.counted = False
         self.status = 0
-        self.head_sent = False
         self.batch: list[bytes] | None = None
         self.batch_mark = 0
         self.response_mode = RESP_NONE
         self.response_bytes = 0
-        self.response_done = False
         self.until_close = False
         self.keep_client = True
         self.generated = False
-        self.finished = False
         self.set_cookie = b""
         self.tunnel_data = b""
+
+    def move(self, new: int) -> bool:
+        """Enter exchange state ``new``; False (nothing changed) when the table forbids it."""
+        if new not in _NEXT[self.state]:
+            return False
+        self.state = new
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.state >= DONE
 
     # -- request --------------------------------------------------------------------------
 
@@ -343,6 +363,13 @@ class Exchange:
         host = target.host_header or self.host or target.backend.authority.encode("idna")
         return b"%s%s\r\n%s" % (self.request_line, host, self.middle)
 
+    def take_replay(self) -> list[bytes]:
+        """The body bytes kept for a replay, handed over (and counted afresh as they go)."""
+        body = list(self.replay or ())
+        self.replay = []
+        self.replay_bytes = 0
+        return body
+
     def capture_replay(self, data: bytes, limit: int) -> None:
         """Keep a copy of body bytes sent upstream, while small enough to send again."""
         replay = self.replay
@@ -428,4 +455,7 @@ class Exchange:
         return b"".join(out)
 
     def __repr__(self) -> str:
-        return f"<Exchange {self.method} {self.target[:60]!r} status={self.status}>"
+        return (
+            f"<Exchange {self.method} {self.target[:60]!r} {exchange_state_name(self.state)} "
+            f"status={self.status}>"
+        )

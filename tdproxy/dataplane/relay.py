@@ -5,18 +5,34 @@
 ``upstream_upgraded``), writes it to the client with the framing the exchange chose, and turns
 backend failures into retries or error answers. The request side (choosing, connecting,
 retrying, finishing) lives in :class:`~tdproxy.dataplane.client.ClientConnection`, which fills
-in the four hooks declared at the bottom.
+in the hooks declared at the bottom.
 
-Flow control: a full client write buffer pauses reading from the upstream; while it is paused the
-backend's body deadline is off, since the slow party is the client.
+Each event is expected in one exchange state (``lifecycle``): a head while WAITING, body bytes
+while RELAYING. An event from an upstream the active exchange does not hold, or in a state that
+does not expect it, is a bug (logged, connection closed).
+
+Flow control and deadlines: a full client write buffer pauses reading from the upstream; while it
+is paused the exchange's body deadline is off (the slow party is the client, which
+``client_send`` bounds). A full upstream write buffer pauses reading from the client; while it is
+paused the backend must take the body within ``response_header``, and the client's body deadline
+is off.
 """
 
 from __future__ import annotations
 
-from tdproxy.dataplane.client_io import DL_NONE, INF, PAUSE_BUFFER, ClientIO
+from tdproxy.dataplane.client_io import INF, PAUSE_BUFFER, PAUSE_UPSTREAM, ClientIO
 from tdproxy.dataplane.context import ProxyContext
 from tdproxy.dataplane.exchange import RESP_CHUNKED, RESP_CLOSE, RESP_NONE, Exchange
 from tdproxy.dataplane.http import CRLF, HOP_BY_HOP, LAST_CHUNK, status_line
+from tdproxy.dataplane.lifecycle import (
+    ABORTED,
+    CONNECTING,
+    DONE,
+    RELAYING,
+    TUNNEL,
+    WAITING,
+    exchange_state_name,
+)
 from tdproxy.dataplane.upstream import UpstreamConnection
 from tdproxy.routing.table import Target
 
@@ -30,22 +46,38 @@ class ResponseRelay(ClientIO):
         self._tunnel: UpstreamConnection | None = None
         self._upgrade_wait: Exchange | None = None
 
+    # -- flow control -----------------------------------------------------------------------
+
     def pause_writing(self) -> None:
-        self._write_paused = True
+        super().pause_writing()
         up = self._upstream_for_io()
         if up is not None:
             up.set_reading(False)
             # The client is slow, not the backend: no body deadline while we hold it back.
             active = self._active
-            if active is not None and active.upstream is up and active.head_sent:
-                up.deadline = INF
+            if active is not None and active.state == RELAYING:
+                active.deadline = INF
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        super().resume_writing()
         up = self._upstream_for_io()
         if up is not None:
             up.set_reading(True)
-            self._body_deadline(up)
+            active = self._active
+            if active is not None and active.state == RELAYING:
+                active.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+
+    def upstream_write_paused(self, up: UpstreamConnection, paused: bool) -> None:
+        """The backend's write buffer filled (or drained): hold the client back meanwhile, and
+        give the backend ``response_header`` to take what waits."""
+        self._set_pause(PAUSE_UPSTREAM, paused)
+        active = self._active
+        if active is None or active.upstream is not up or active.state != WAITING:
+            return
+        if paused:
+            active.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        elif not active.request_done:
+            active.deadline = INF  # the backend reads again; the client's body deadline rules
 
     def _upstream_for_io(self) -> UpstreamConnection | None:
         if self._tunnel is not None:
@@ -53,32 +85,37 @@ class ResponseRelay(ClientIO):
         active = self._active
         return active.upstream if active is not None else None
 
-    def _body_deadline(self, up: UpstreamConnection) -> None:
-        """While a response body streams, the backend must keep sending (``response_header``
-        bounds each pause), except while the client's own backpressure holds it back."""
+    def flush_batch(self) -> None:
+        """Send what an upstream read collected; nothing in it can be taken back after this."""
+        self.end_batch()
+        active = self._active
+        if active is not None:
+            active.batch = None
+
+    # -- events from the upstream -----------------------------------------------------------
+
+    def _owner_of(self, up: UpstreamConnection, event: str, state: int) -> Exchange | None:
+        """The active exchange, when it holds ``up`` and is in ``state``; else a bug."""
         exchange = self._active
-        if (
-            exchange is not None
-            and exchange.upstream is up
-            and exchange.head_sent
-            and not exchange.response_done
-            and not self._write_paused
-        ):
-            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        if exchange is not None and exchange.upstream is up and exchange.state == state:
+            return exchange
+        found = "none" if exchange is None else exchange_state_name(exchange.state)
+        up.abort()
+        self.bug(f"upstream {event} with the active exchange in state {found}")
+        return None
 
     def upstream_head(
         self, up: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        exchange = self._active
-        transport = self.transport
-        if exchange is None or transport is None or exchange.upstream is not up:
+        exchange = self._owner_of(up, "head", WAITING)
+        if exchange is None:
             return
         if status < 200:
             self._interim(exchange, up, status, headers)
             return
         exchange.status = status
-        head = exchange.response_head(status, headers, self._closing or self.ctx.shutting_down)
-        exchange.head_sent = True
+        head = exchange.response_head(status, headers, self._closing_after(exchange))
+        exchange.state = RELAYING  # WAITING -> RELAYING, checked above
         # Where the head sits in this read's write batch: until the batch is sent, a broken
         # response can still be answered with a clean 502 (see upstream_failed).
         batch = self._batch
@@ -89,9 +126,11 @@ class ResponseRelay(ClientIO):
         else:
             exchange.batch = None
             self._write(head)
-        if exchange.response_mode != RESP_NONE and not self._write_paused:
-            # The body must keep coming (see _body_deadline; inlined on this per-request path).
-            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        if exchange.response_mode != RESP_NONE and not self.write_paused:
+            # The body must keep coming: response_header bounds each pause of the backend.
+            exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        else:
+            exchange.deadline = INF
 
     def _interim(
         self,
@@ -100,20 +139,19 @@ class ResponseRelay(ClientIO):
         status: int,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
-        assert self.transport is not None
         if status == 101:
             if not exchange.websocket:
                 self.upstream_failed(up, "protocol")
                 return
             exchange.status = 101
-            exchange.head_sent = True
             lines = [status_line(101)]
             lines.extend(name + b": " + value + CRLF for name, value in headers)
             if exchange.set_cookie:
                 lines.append(exchange.set_cookie)  # a WebSocket user is placed like any other
             lines.append(CRLF)
             self._write(b"".join(lines))
-        elif exchange.version == "1.1":
+            return
+        if exchange.version == "1.1":
             lines = [status_line(status)]
             lines.extend(
                 name + b": " + value + CRLF
@@ -122,16 +160,17 @@ class ResponseRelay(ClientIO):
             )
             lines.append(CRLF)
             self._write(b"".join(lines))
+        # Still WAITING: the final head must follow within response_header of this one.
+        exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
 
     def upstream_body(self, body: bytes) -> None:
         exchange = self._active
-        transport = self.transport
-        if exchange is None or transport is None:
+        if exchange is None or exchange.state != RELAYING:
+            self.bug("upstream body outside RELAYING")
             return
         exchange.response_bytes += len(body)
-        up = exchange.upstream
-        if up is not None and not self._write_paused:
-            up.deadline = self.ctx.clock.now + self.ctx.settings.response_header
+        if not self.write_paused:
+            exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
         mode = exchange.response_mode
         if mode == RESP_CHUNKED:
             self._write(b"%x\r\n" % len(body))
@@ -145,63 +184,64 @@ class ResponseRelay(ClientIO):
                 self._write(body)
 
     def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            up.detach()
+        exchange = self._owner_of(up, "end of response", RELAYING)
+        if exchange is None:
             return
-        if exchange.response_mode == RESP_CHUNKED and self.transport is not None:
+        if exchange.response_mode == RESP_CHUNKED:
             self._write(LAST_CHUNK)
-        exchange.response_done = True
         exchange.upstream = None
+        exchange.deadline = INF
         if keep_alive and exchange.request_done and exchange.response_mode != RESP_CLOSE:
             up.release(self.ctx.clock.now)
         else:
             up.detach()
-        self._finish(exchange, exchange.status, keep=exchange.keep_client)
+        self._finish(exchange, DONE, keep=exchange.keep_client)
 
     def upstream_lost(self, up: UpstreamConnection) -> None:
         exchange = self._active
         if exchange is None or exchange.upstream is not up:
+            self.bug("an upstream this connection does not hold was lost")
             return
-        if exchange.head_sent and exchange.until_close:
-            # Read-until-close framing: the end of the connection is the end of the body.
+        if exchange.state == RELAYING and exchange.until_close and up.eof:
+            # Read-until-close framing: a clean end of the connection is the end of the body.
+            # A reset is not: that body is cut short and must not look complete.
             self.upstream_done(up, keep_alive=False)
             return
-        kind = "reset"
-        if up.reused and not up.got_bytes and exchange.replayable():
+        if exchange.state == WAITING and up.reused and not up.got_bytes and exchange.replayable():
             # A pooled connection the backend had already closed: try again, same backend.
             exchange.upstream = None
             target = exchange.target_backend
             assert target is not None
             exchange.tried.remove(target)
             exchange.end_attempt()
-            exchange.body = list(exchange.replay or ())
-            exchange.replay = []
+            exchange.body = exchange.take_replay()
             self._dispatch(exchange, target)
             return
-        self.upstream_failed(up, kind)
+        self.upstream_failed(up, "reset")
 
     def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
         """The upstream broke (``kind``: reset, timeout, protocol) during an exchange."""
         exchange = self._active
         if exchange is None or exchange.upstream is not up:
             up.abort()
+            self.bug(f"upstream {kind} failure for an exchange it does not serve")
             return
         exchange.upstream = None
+        exchange.deadline = INF
         up.abort()
         target = exchange.target_backend
         assert target is not None
         target.state.record_error(kind)
-        if kind == "timeout" and not exchange.head_sent:
+        if kind == "timeout" and exchange.state == WAITING:
             self.ctx.on_passive_failure(target, kind)
         batch = self._batch
-        if exchange.head_sent and batch is not None and exchange.batch is batch:
+        if exchange.state == RELAYING and batch is not None and exchange.batch is batch:
             # The head has not left yet (it is in this read's batch): take it back.
             del batch[exchange.batch_mark :]
-            exchange.head_sent = False
+            exchange.state = WAITING  # RELAYING -> WAITING: as if no head had come
             exchange.batch = None
             exchange.response_bytes = 0
-        if not exchange.head_sent:
+        if exchange.state == WAITING:
             exchange.end_attempt()
             if not exchange.replayed and self._retry(exchange, target, replay=True):
                 return
@@ -209,14 +249,20 @@ class ResponseRelay(ClientIO):
             return
         # Part of the response already reached the client: it must not look complete.
         self.abort()
-        self._finish(exchange, exchange.status, keep=False)
+        self._finish(exchange, ABORTED, keep=False)
 
     def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> bool:
         exchange = self._active
         transport = self.transport
-        if exchange is None or transport is None or exchange.status != 101:
+        if (
+            exchange is None
+            or transport is None
+            or exchange.upstream is not up
+            or exchange.status != 101
+        ):
             return False
         exchange.upstream = None
+        exchange.deadline = INF
         self._tunnel = up
         up.tunnel = transport
         if rest:
@@ -226,11 +272,26 @@ class ResponseRelay(ClientIO):
         pending = exchange.tunnel_data
         if pending:
             up.write(pending)
-        self._finish(exchange, 101, keep=True)
-        self._set_deadline(DL_NONE, 0.0)
+        self.move(TUNNEL)
+        self.deadline = INF  # tunnel_idle is measured from progress (see check_deadline)
+        self._finish(exchange, DONE, keep=True)  # the exchange became the tunnel
         return True
 
+    def check_exchange_deadline(self, exchange: Exchange) -> None:
+        """The active exchange's deadline passed: its phase took too long."""
+        up = exchange.upstream
+        if up is not None:
+            self.upstream_failed(up, "timeout")
+        elif exchange.state == CONNECTING:
+            exchange.deadline = INF  # the connect task ends by itself (timeouts.connect)
+        else:
+            self.bug(f"deadline of an exchange in state {exchange_state_name(exchange.state)}")
+
     # -- hooks the request side provides ----------------------------------------------------
+
+    def _closing_after(self, exchange: Exchange) -> bool:
+        """Will the connection close after this exchange's answer (Connection: close)?"""
+        raise NotImplementedError
 
     def _dispatch(self, exchange: Exchange, target: Target) -> None:
         raise NotImplementedError
@@ -241,5 +302,5 @@ class ResponseRelay(ClientIO):
     def _respond_error(self, exchange: Exchange, code: int) -> None:
         raise NotImplementedError
 
-    def _finish(self, exchange: Exchange, status: int, keep: bool) -> None:
+    def _finish(self, exchange: Exchange, state: int, keep: bool) -> None:
         raise NotImplementedError

@@ -10,16 +10,20 @@ reported only after ``feed_data`` returns, so the client may reuse or pool this 
 without re-entering the parser.
 
 httptools cannot be told that a response answers a HEAD request; for those the exchange is
-finished at the end of the header section and the parser is replaced before the next use.
-After a ``101 Switching Protocols`` the connection becomes a byte tunnel and never returns to
-the pool.
+finished at the end of the header section, and the connection is **not** returned to the pool: a
+backend that wrongly sends a body after a HEAD answer would otherwise leave bytes that the next
+request on the connection would read as (part of) its own response. HEAD is rare enough that a
+fresh connection for the next request costs nothing measurable. After a ``101 Switching
+Protocols`` the connection becomes a byte tunnel and never returns to the pool either.
+
+This object keeps no deadline: the exchange it carries owns the deadline of each phase (waiting
+for the head, each pause of the body), and the client connection checks it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -30,7 +34,6 @@ from tdproxy.dataplane.pool import UpstreamPool
 if TYPE_CHECKING:
     from tdproxy.dataplane.client import ClientConnection
 
-INF = math.inf
 log = logging.getLogger("tdproxy.upstream")
 # A backend's response head larger than this is a broken response (502), not something to buffer.
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -43,10 +46,9 @@ class UpstreamConnection(asyncio.Protocol):
         "_headers",
         "_in_head",
         "_keep_alive",
-        "_reset_parser",
         "alive",
         "client",
-        "deadline",
+        "eof",
         "got_bytes",
         "head_only",
         "idle_since",
@@ -69,14 +71,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.head_only = False
         self.read_paused = False
-        self.deadline = INF
+        self.eof = False  # the backend ended the connection cleanly (FIN, not a reset)
         self.idle_since = 0.0
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
         self._head_bytes = 0
         self._complete = False
         self._keep_alive = False
-        self._reset_parser = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -84,15 +85,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        client = self.client
         if self.tunnel is not None:
             self.tunnel.write(data)
+            if client is not None:
+                client.progress = client.ctx.clock.now
             return
-        client = self.client
         if client is None:
             # A backend must not talk on an idle connection; whatever it is, drop the connection.
             self.close()
             return
         self.got_bytes = True
+        client.progress = client.ctx.clock.now
         if self._in_head:
             # Bytes of a response head so far (all earlier reads of this exchange ended inside
             # a head): an endless head fails here rather than growing in memory. The slack is
@@ -103,13 +107,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_bytes += len(data)
         # Collect what goes to the client while this read is parsed: a response that arrives
         # in one read (head, body, end) leaves in one send.
-        batch: list[bytes] = []
-        client._batch = batch
+        owner = client.begin_batch()
         try:
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade as upgrade:
-                if not client.upstream_upgraded(self, data[upgrade.args[0] :]):
+                # (Unless the head already failed the exchange, which detached this connection.)
+                if self.client is client and not client.upstream_upgraded(
+                    self, data[upgrade.args[0] :]
+                ):
                     client.upstream_failed(self, "protocol")
                 return
             except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
@@ -129,26 +135,18 @@ class UpstreamConnection(asyncio.Protocol):
                 # Reported only now that feed_data has returned: the client may pool this
                 # connection without re-entering the parser.
                 self._complete = False
-                if self._reset_parser:
-                    self._reset_parser = False
-                    self.parser = httptools.HttpResponseParser(self)
                 if self.client is client:
-                    client.upstream_done(self, self._keep_alive)
+                    client.upstream_done(self, self._keep_alive and not self.head_only)
         finally:
-            if client._batch is batch:
-                client._batch = None
-                if batch:
-                    client.send_batch(batch)
-                    active = client._active
-                    if active is not None:
-                        active.batch = None  # sent: nothing in it can be taken back now
+            if owner:
+                client.flush_batch()
 
     def eof_received(self) -> bool | None:
+        self.eof = True
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
-        self.deadline = INF
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
@@ -161,11 +159,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.client is not None:
-            self.client.pause_reading_for_upstream(True)
+            self.client.upstream_write_paused(self, True)
 
     def resume_writing(self) -> None:
         if self.client is not None:
-            self.client.pause_reading_for_upstream(False)
+            self.client.upstream_write_paused(self, False)
 
     # -- httptools callbacks --------------------------------------------------------------
 
@@ -189,7 +187,6 @@ class UpstreamConnection(asyncio.Protocol):
             and sum(len(name) + len(value) for name, value in headers) > MAX_RESPONSE_HEAD
         ):
             raise BadResponse("response head too large")
-        self.deadline = INF
         parser = self.parser
         status = parser.get_status_code()
         self._keep_alive = parser.should_keep_alive()
@@ -199,14 +196,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_only and status >= 200:
             # HEAD (or a response that carries no body whatever its headers claim): done now.
             self._complete = True
-            self._reset_parser = True
 
     def on_body(self, body: bytes) -> None:
         if not self.head_only and self.client is not None:
             self.client.upstream_body(body)
 
     def on_message_complete(self) -> None:
-        self.deadline = INF
         parser = self.parser
         if parser.get_status_code() >= 200 and not self.head_only:
             self._keep_alive = parser.should_keep_alive()
@@ -218,14 +213,13 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         return self.alive and transport is not None and not transport.is_closing()
 
-    def send(self, client: ClientConnection, head: bytes, head_only: bool, deadline: float) -> None:
+    def send(self, client: ClientConnection, head: bytes, head_only: bool) -> None:
         """Attach to ``client`` and write the request head."""
         self.client = client
         self.head_only = head_only
         self.got_bytes = False
         self._in_head = True
         self._head_bytes = 0
-        self.deadline = deadline
         transport = self.transport
         assert transport is not None
         transport.write(head)
@@ -238,7 +232,6 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, now: float) -> None:
         """The exchange finished cleanly: back to the pool."""
         self.client = None
-        self.deadline = INF
         self.reused = True
         if self.read_paused:
             self.set_reading(True)
