@@ -241,13 +241,14 @@ class ResponseRelay(ClientIO):
             exchange.state = WAITING  # RELAYING -> WAITING: as if no head had come
             exchange.batch = None
             exchange.response_bytes = 0
-        if exchange.state == WAITING:
+        if exchange.state == WAITING and exchange.status != 101:
             exchange.end_attempt()
             if not exchange.replayed and self._retry(exchange, target, replay=True):
                 return
             self._respond_error(exchange, 504 if kind == "timeout" else 502)
             return
-        # Part of the response already reached the client: it must not look complete.
+        # Part of the response (or a 101 that promised a tunnel) reached the client: it must
+        # not look complete.
         self.abort()
         self._finish(exchange, ABORTED, keep=False)
 

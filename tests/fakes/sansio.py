@@ -95,10 +95,7 @@ class FakeClock:
 
 BASE_CONFIG: dict[str, Any] = {
     "entrypoint": {"address": "127.0.0.1", "port": 18080},
-    "backends": [
-        {"name": "a", "url": "http://127.0.0.1:18091", "weight": 1},
-        {"name": "b", "url": "http://127.0.0.1:18092", "weight": 1},
-    ],
+    "backends": [{"name": "a", "url": "http://127.0.0.1:18091", "weight": 1}],
     "health_check": {"enabled": False},
     "access_log": {"enabled": False},
     "timeouts": {
