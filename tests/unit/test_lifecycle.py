@@ -22,8 +22,8 @@ import pytest
 
 from tdproxy.dataplane.lifecycle import (
     CONNECTION_TRANSITIONS,
-    EXCHANGE_TRANSITIONS,
     EXCHANGE_STATES,
+    EXCHANGE_TRANSITIONS,
 )
 from tests.fakes.sansio import FakeTransport, Rig
 
@@ -173,7 +173,6 @@ def test_an_upstream_event_in_the_wrong_state_is_a_bug(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     rig.send(GET % 1)
-    up, _ = rig.busy_upstream()
     rig.client.upstream_body(b"body before any head")
     assert rig.transport.aborted
     assert "bug: upstream body outside RELAYING" in caplog.text
@@ -207,7 +206,7 @@ def test_a_refusal_behind_a_request_in_another_read_waits_for_its_answer(
     rig: Rig, kind: str
 ) -> None:
     rig.send(GET % 1)
-    up, transport = rig.busy_upstream()
+    up, _ = rig.busy_upstream()
     rig.send(REFUSED[kind][0])
     assert rig.transport.written == b""  # nothing before the first answer
     assert rig.state == "ENDING"
@@ -547,16 +546,14 @@ def test_pipelines_are_answered_in_order_under_backpressure(
     rig.send(b"".join(GET % i for i in range(depth)))
     if backpressure == "client":
         rig.client.pause_writing()
-    answered = 0
-    for _ in range(depth):
+    for answered in range(depth):
         up, transport = rig.busy_upstream()
         assert transport.take().startswith(b"GET /%d " % answered)
         if backpressure == "upstream":
             up.pause_writing()
             up.resume_writing()
         up.data_received(OK)
-        answered += 1
-        if backpressure == "client" and answered == depth // 2:
+        if backpressure == "client" and answered + 1 == depth // 2:
             rig.client.resume_writing()
     assert statuses(bytes(rig.transport.written)) == [200] * depth
     assert rig.state == "IDLE"
