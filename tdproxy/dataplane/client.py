@@ -223,14 +223,20 @@ class ClientConnection(ResponseRelay):
 
     def eof_received(self) -> bool | None:
         # The client finished sending. Let the answers owed complete (half-close).
+        self.input_ended = True
         state = self.state
-        if state == BODY:
-            # Gone in the middle of a request body: that request can never complete.
-            self.abort()
-            return None
+        parsing = self._parsing
+        if state == BODY and parsing is not None:
+            if parsing is self._active:
+                # Gone in the middle of the body being answered: it can never complete.
+                self.abort()
+                return None
+            # A queued request cut short: dropped; the complete ones ahead are still answered.
+            self._queue.remove(parsing)
+            state = HEAD
         if state not in (HEAD, BUSY, ENDING) or (self._active is None and not self._queue):
             return None  # nothing owed: close
-        self._parsing = None  # a head cut short by the EOF is dropped
+        self._parsing = None  # a request cut short by the EOF is dropped
         if state != ENDING:
             self.move(ENDING)
             self.deadline = INF

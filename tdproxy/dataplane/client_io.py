@@ -45,6 +45,7 @@ class ClientIO(asyncio.Protocol):
         "_pause_bits",
         "ctx",
         "deadline",
+        "input_ended",
         "peer",
         "progress",
         "send_deadline",
@@ -65,6 +66,7 @@ class ClientIO(asyncio.Protocol):
         # When anything last moved on this connection (either direction): the backstop and
         # tunnel_idle are measured from it.
         self.progress = ctx.clock.now
+        self.input_ended = False  # the client sent its FIN
         self._batch: list[bytes] | None = None
         self._pause_bits = 0
         self.write_paused = False
@@ -183,7 +185,12 @@ class ClientIO(asyncio.Protocol):
         reads it. So half-close, discard what still arrives, and close for good after a
         moment."""
         transport = self.transport
-        if transport is None or not transport.can_write_eof() or self.state >= LINGER:
+        if (
+            transport is None
+            or self.input_ended  # nothing more can arrive: nothing to wait for
+            or not transport.can_write_eof()
+            or self.state >= LINGER
+        ):
             self.close()
             return
         self.end_batch()

@@ -16,6 +16,9 @@ Invariants, checked after every batch:
   ``internal error``; it never answers 500;
 * a refusal is final: nothing follows a 4xx that tdproxy produced itself on that connection;
 * nothing is mixed up: a response echoes an id of its own case, never another case's;
+* liveness: every case is sent behind an intact request (``FRONT``) in the same write; that
+  request is answered first, by the backend, whatever follows it, and once the batch's clients
+  have left, ``tdproxy_connections_active`` returns to 0 (nothing is left half-open);
 * no request reaches the backend that the proxy answered with a 4xx. Each refused id whose
   header line survived the mutation intact is looked up in the ids the backend recorded (after a
   sentinel request proves the backend has caught up).
@@ -56,7 +59,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from tests.fakes.client import RawClient
+from tests.fakes.client import RawClient, metric
 from tests.fakes.process import (
     BackendProcess,
     ProxyProcess,
@@ -87,6 +90,9 @@ MAX_URL_BYTES = 256
 MAX_BODY_BYTES = 4096
 
 ID_HEADER = b"X-Request-Id: "
+# The intact request every case is sent behind.
+FRONT = b"GET /echo?front HTTP/1.1\r\nHost: h\r\nX-Request-Id: %s\r\n\r\n"
+CONNECTIONS_GONE = 10.0  # seconds for the proxy to let go of a batch's connections
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +293,11 @@ REPLACEMENTS = [
 class Case:
     data: bytes
     ids: list[str]  # ids whose header line survived the mutation intact
+    front: str = ""  # the id of the intact request sent ahead of ``data``
+
+    @property
+    def wire(self) -> bytes:
+        return FRONT % self.front.encode() + self.data
 
 
 def _position(data: bytes, where: int) -> int:
@@ -340,7 +351,7 @@ blueprints = st.one_of(
 
 def build_case(harness: Harness, blueprint: Blueprint) -> Case:
     if isinstance(blueprint, bytes):
-        return Case(blueprint, [])
+        return Case(blueprint, [], harness.new_id())
     index, steps = blueprint
     ids = []
     parts = []
@@ -352,7 +363,7 @@ def build_case(harness: Harness, blueprint: Blueprint) -> Case:
     for step in steps:
         data = mutate(data, step)
     intact = [i for i in ids if b"\r\n" + ID_HEADER + i.encode() + b"\r\n" in data]
-    return Case(data, intact)
+    return Case(data, intact, harness.new_id())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +537,10 @@ class Verdict:
 def judge(harness: Harness, case: Case, data: bytes, closed: bool) -> Verdict:
     verdict = Verdict()
     replies = parse_replies(data)
+    if not replies or replies[0].header("x-request-id") != case.front:
+        first = replies[0].status if replies else None
+        verdict.problems.append(f"the intact request ahead was not answered first (got {first})")
+    replies = replies[1:]
     echoed = set()
     for number, reply in enumerate(replies):
         harness.stats[f"status {reply.status}"] += 1
@@ -535,7 +550,7 @@ def judge(harness: Harness, case: Case, data: bytes, closed: bool) -> Verdict:
             request_id = reply.header("x-request-id")
             if request_id is not None:
                 echoed.add(request_id)
-                if request_id in harness.issued and request_id not in ids_in(case.data):
+                if request_id in harness.issued and request_id not in ids_in(case.wire):
                     verdict.problems.append(f"response for another case: {request_id}")
             elif reply.status == 400:
                 # The backend's own strict parser refused what the proxy sent it: the proxy
@@ -608,7 +623,7 @@ def report_progress(harness: Harness, cases: int) -> None:
 @given(batch=st.lists(blueprints, min_size=BATCH, max_size=BATCH))
 def test_fuzzed_requests_keep_every_invariant(harness: Harness, batch: list[Blueprint]) -> None:
     cases = [build_case(harness, blueprint) for blueprint in batch]
-    outcomes = list(harness.pool.map(lambda case: send_case(harness.proxy, case.data), cases))
+    outcomes = list(harness.pool.map(lambda case: send_case(harness.proxy, case.wire), cases))
     harness.stats["cases"] += len(cases)
     problems: list[str] = []
     refused: dict[str, tuple[Case, bytes]] = {}
@@ -618,6 +633,12 @@ def test_fuzzed_requests_keep_every_invariant(harness: Harness, batch: list[Blue
         refused.update({request_id: (case, data) for request_id in verdict.refused})
     harness.stats["refused ids"] += len(refused)
     check_process(harness)
+    # Every case's client has left: the proxy must let go of every connection by itself.
+    wait_until(
+        lambda: metric(harness.proxy.admin_url, "tdproxy_connections_active") == 0,
+        timeout=CONNECTIONS_GONE,
+        message=f"no connection left open after the batch {[c.wire for c in cases]!r}",
+    )
     seen = settle(harness)
     for request_id, (case, answer) in refused.items():
         if request_id not in seen:

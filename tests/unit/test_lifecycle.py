@@ -225,10 +225,19 @@ def test_a_client_that_leaves_right_after_a_refused_pipeline_is_let_go(
         assert rig.client.eof_received() is True  # the answers owed still go out
         answer_all(rig)
         assert statuses(bytes(rig.transport.written)) == [200, 400]
+        assert rig.transport.closed  # no lingering: nothing more can arrive
         settle(rig)
     else:
         rig.lose(ConnectionResetError())
         assert_terminal(rig)
+
+
+def test_eof_in_a_queued_body_still_answers_the_requests_ahead(rig: Rig) -> None:
+    rig.send(GET % 1 + b"POST /2 HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nab")
+    assert rig.client.eof_received() is True
+    answer_all(rig)
+    assert statuses(bytes(rig.transport.written)) == [200]
+    settle(rig)
 
 
 def test_refused_in_the_same_read_as_its_own_head_nothing_reaches_a_backend(rig: Rig) -> None:
