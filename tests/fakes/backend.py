@@ -21,7 +21,9 @@ Paths (query parameters in brackets):
     /echo                  JSON description of the request as received
     /status/<code>         that status
     /slow [ms]             wait before the response head
-    /stream [bytes, chunked, chunk, seed]  deterministic pseudo-random body + X-Body-Sha256
+    /stream [bytes, chunked, chunk, seed, pause_ms]  deterministic pseudo-random body +
+                           X-Body-Sha256; ``pause_ms`` waits that long before each piece after
+                           the head (a slowly streaming response)
     /upload                JSON ``body_len`` and ``body_sha256`` of the request body
     /continue              like /upload, sending ``100 Continue`` first when asked to
     /head-test             1000-byte body (HEAD: same head, no body)
@@ -360,8 +362,9 @@ class Connection:
         size = request.int_param("bytes", 1024)
         seed = request.int_param("seed", 0)
         piece = request.int_param("chunk", PIECE)
-        if size < 0 or piece <= 0:
-            raise BadRequest("bytes must be >= 0 and chunk > 0")
+        pause = request.int_param("pause_ms", 0) / 1000
+        if size < 0 or piece <= 0 or pause < 0:
+            raise BadRequest("bytes and pause_ms must be >= 0 and chunk > 0")
         wants_chunked = request.query.get("chunked") == "1"
         # An HTTP/1.0 client cannot take chunked framing: it gets a close-delimited body instead.
         chunked = wants_chunked and request.version == "HTTP/1.1"
@@ -381,6 +384,8 @@ class Connection:
         if request.is_head:
             return keep_alive
         for data in split_pieces(stream_blocks(size, seed), piece):
+            if pause:
+                await asyncio.sleep(pause)
             await self.send_raw(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
         if chunked:
             await self.send_raw(b"0\r\n\r\n")

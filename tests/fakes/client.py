@@ -130,6 +130,11 @@ class RawClient:
     def authority(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def buffered(self) -> bytes:
+        """Bytes received but not yet taken by a read (for failure messages)."""
+        return bytes(self._buffer)
+
     # -- sending ------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:

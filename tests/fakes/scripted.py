@@ -35,6 +35,11 @@ class Linger:
     cannot turn the FIN into an RST that would destroy the response on its way."""
 
 
+class AwaitData:
+    """Script step: wait until the peer sends more bytes on this connection (they are kept and
+    read as the start of the next request), or closes it, which ends the script there."""
+
+
 @dataclass(frozen=True)
 class Gate:
     """Script step: wait until the test calls ``ScriptedBackend.open_gate(name)``."""
@@ -42,8 +47,8 @@ class Gate:
     name: str
 
 
-Step = bytes | Hang | Reset | Close | Linger | Gate
-HANG, RESET, CLOSE, LINGER = Hang(), Reset(), Close(), Linger()
+Step = bytes | Hang | Reset | Close | Linger | AwaitData | Gate
+HANG, RESET, CLOSE, LINGER, AWAIT_DATA = Hang(), Reset(), Close(), Linger(), AwaitData()
 LINGER_TIMEOUT = 5.0
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Scripted: ok\r\n\r\nok"
 
@@ -54,6 +59,7 @@ class ConnectionRecord:
 
     paths: list[str] = field(default_factory=list)
     closed: bool = False
+    pending: bytearray = field(default_factory=bytearray)  # read by AwaitData, not yet parsed
 
 
 class ScriptedBackend:
@@ -120,7 +126,7 @@ class ScriptedBackend:
     ) -> bool:
         """Read one request head and play its script; False when the connection is done."""
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await self._read_head(record, reader)
         except asyncio.IncompleteReadError:
             record.closed = True
             return False
@@ -132,6 +138,12 @@ class ScriptedBackend:
                 await writer.drain()
             elif isinstance(step, Gate):
                 await self._gates[step.name].wait()
+            elif isinstance(step, AwaitData):
+                data = await reader.read(65536)
+                if not data:
+                    record.closed = True
+                    return False
+                record.pending += data
             elif isinstance(step, Hang):
                 while await reader.read(65536):
                     pass
@@ -155,6 +167,21 @@ class ScriptedBackend:
                 record.closed = True
                 return False
         return True
+
+    @staticmethod
+    async def _read_head(record: ConnectionRecord, reader: asyncio.StreamReader) -> bytes:
+        """The next request head: from the bytes an ``AwaitData`` step kept, then the reader."""
+        pending = record.pending
+        if not pending:
+            return await reader.readuntil(b"\r\n\r\n")
+        while (index := pending.find(b"\r\n\r\n")) < 0:
+            data = await reader.read(65536)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(pending), None)
+            pending += data
+        head = bytes(pending[: index + 4])
+        del pending[: index + 4]
+        return head
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)

@@ -15,6 +15,7 @@ from tests.fakes.backend import GARBAGE, HEAD_TEST_BODY, PARTIAL_HEAD
 from tests.fakes.bodies import stream_body, stream_sha256
 from tests.fakes.client import RawClient, encode_chunked, request
 from tests.fakes.process import BackendFactory, BackendProcess, ProcessFailed, wait_until
+from tests.fakes.scripted import AWAIT_DATA, ScriptedBackend
 from tests.fakes.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -213,6 +214,15 @@ def test_stream_sends_the_announced_deterministic_body(
 def test_stream_bytes_depend_on_seed_and_size_only() -> None:
     assert stream_body(100_000, seed=1)[:1000] == stream_body(1000, seed=1)
     assert stream_body(1000, seed=1) != stream_body(1000, seed=2)
+
+
+def test_stream_pause_spreads_the_pieces_over_time(conn: RawClient) -> None:
+    conn.send_request("GET", "/stream?bytes=4&chunk=1&chunked=1&pause_ms=200")
+    started = time.monotonic()
+    head = conn.read_head()
+    assert time.monotonic() - started < 0.2  # the head is not held back
+    assert conn.read_body(head) == stream_body(4)
+    assert time.monotonic() - started >= 0.8  # four pieces, a pause before each
 
 
 def test_chunked_stream_to_http10_is_close_delimited(conn: RawClient) -> None:
@@ -423,6 +433,27 @@ def test_nolength_body_is_delimited_by_close(conn: RawClient) -> None:
     assert response.header("Connection") == "close"
     assert response.body == stream_body(100_000, 7)
     assert response.header("X-Body-Sha256") == sha256(response.body)
+
+
+def test_scripted_await_data_answers_once_more_bytes_arrive() -> None:
+    """``AWAIT_DATA`` holds the rest of a script until the peer talks again, and what it read
+    is the next request."""
+    scripted = ScriptedBackend(
+        {"/early": [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", AWAIT_DATA, b"late!"]}
+    )
+    try:
+        with RawClient("127.0.0.1", scripted.port, timeout=0.5) as client:
+            client.send_request("GET", "/early")
+            head = client.read_head()
+            assert head.header("Content-Length") == "5"
+            with pytest.raises(TimeoutError):
+                client.read_exactly(1)  # nothing more until the client sends something
+            client.send_request("GET", "/next")
+            assert client.read_exactly(5) == b"late!"
+            assert client.read_response().header("X-Scripted") == "ok"  # /next, answered
+        assert [record.paths for record in scripted.connections] == [["/early", "/next"]]
+    finally:
+        scripted.close()
 
 
 def test_accept_then_close_mode(backend_factory: BackendFactory) -> None:
