@@ -46,9 +46,21 @@ from typing import cast
 
 import httptools
 
-from tdproxy.dataplane.client_io import INF, PAUSE_BUFFER, PAUSE_QUEUE, PAUSE_UPSTREAM
+from tdproxy.dataplane.client_io import (
+    CONNECTION_NEXT,
+    INF,
+    PAUSE_BUFFER,
+    PAUSE_QUEUE,
+    PAUSE_UPSTREAM,
+)
 from tdproxy.dataplane.context import ProxyContext
-from tdproxy.dataplane.exchange import BODY_CHUNKED, BODY_NONE, Exchange, PeerFields
+from tdproxy.dataplane.exchange import (
+    BODY_CHUNKED,
+    BODY_NONE,
+    EXCHANGE_NEXT,
+    Exchange,
+    PeerFields,
+)
 from tdproxy.dataplane.http import CRLF, LAST_CHUNK, error_body_length, error_response
 from tdproxy.dataplane.lifecycle import (
     ABORTED,
@@ -272,7 +284,10 @@ class ClientConnection(ResponseRelay):
         ctx = self.ctx
         self._parsing = Exchange()
         self._head_bytes = 0
-        self.move(HEAD)
+        if HEAD in CONNECTION_NEXT[self.state]:  # move(HEAD), inlined on the per-request path
+            self.state = HEAD
+        else:
+            self.move(HEAD)  # reports the bug
         self.deadline = INF if self._pause_bits else ctx.clock.now + ctx.settings.client_header
 
     def on_url(self, url: bytes) -> None:
@@ -368,7 +383,11 @@ class ClientConnection(ResponseRelay):
         if exchange.body_mode == BODY_CHUNKED:
             self._send_body(exchange, LAST_CHUNK)
         # RFC 9112 §9.6: nothing after a "close" request counts.
-        self.move(BUSY if exchange.keep_alive else ENDING)
+        new = BUSY if exchange.keep_alive else ENDING
+        if new in CONNECTION_NEXT[self.state]:  # move(new), inlined on the per-request path
+            self.state = new
+        else:
+            self.move(new)
         self.deadline = INF
         if exchange is self._active:
             if exchange.state == WAITING:
@@ -409,7 +428,8 @@ class ClientConnection(ResponseRelay):
         self._dispatch(exchange, target)
 
     def _enter(self, exchange: Exchange, state: int) -> bool:
-        if exchange.move(state):
+        if state in EXCHANGE_NEXT[exchange.state]:
+            exchange.state = state
             return True
         self.bug(
             f"exchange state {exchange_state_name(exchange.state)} -> {exchange_state_name(state)}"
@@ -469,8 +489,11 @@ class ClientConnection(ResponseRelay):
         self._respond_error(exchange, 504 if kind == "timeout" else 502)
 
     def _attach(self, exchange: Exchange, up: UpstreamConnection) -> None:
-        if not self._enter(exchange, WAITING):
+        if WAITING in EXCHANGE_NEXT[exchange.state]:  # _enter, inlined on the per-request path
+            exchange.state = WAITING
+        else:
             up.release(self.ctx.clock.now)
+            self._enter(exchange, WAITING)  # reports the bug
             return
         exchange.upstream = up
         target = exchange.target_backend
@@ -562,7 +585,10 @@ class ClientConnection(ResponseRelay):
 
     def _finish(self, exchange: Exchange, state: int, keep: bool) -> None:
         """The exchange ends (DONE or ABORTED): count it, log it, and go on with the next."""
-        if not self._enter(exchange, state):
+        if state in EXCHANGE_NEXT[exchange.state]:  # _enter, inlined on the per-request path
+            exchange.state = state
+        else:
+            self._enter(exchange, state)  # reports the bug
             return
         exchange.deadline = INF
         ctx = self.ctx
@@ -618,7 +644,7 @@ class ClientConnection(ResponseRelay):
             return
         state = self.state
         if state == BUSY:
-            self.move(IDLE)
+            self.state = IDLE  # BUSY -> IDLE, allowed by the table
             self.deadline = self.ctx.clock.now + self.ctx.settings.idle
         elif state == ENDING:
             self.close()

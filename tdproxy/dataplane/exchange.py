@@ -33,7 +33,7 @@ INF = math.inf
 BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
 RESP_NONE, RESP_LENGTH, RESP_CHUNKED, RESP_CLOSE = 0, 1, 2, 3
 
-_NEXT = [EXCHANGE_TRANSITIONS[state] for state in range(len(EXCHANGE_TRANSITIONS))]
+EXCHANGE_NEXT = [EXCHANGE_TRANSITIONS[state] for state in range(len(EXCHANGE_TRANSITIONS))]
 
 # What parse_head does with a request field (anything not listed is forwarded as it is).
 _DROP, _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _COOKIE = range(8)
@@ -235,7 +235,7 @@ class Exchange:
 
     def move(self, new: int) -> bool:
         """Enter exchange state ``new``; False (nothing changed) when the table forbids it."""
-        if new not in _NEXT[self.state]:
+        if new not in EXCHANGE_NEXT[self.state]:
             return False
         self.state = new
         return True

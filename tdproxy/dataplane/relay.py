@@ -87,28 +87,31 @@ class ResponseRelay(ClientIO):
 
     def flush_batch(self) -> None:
         """Send what an upstream read collected; nothing in it can be taken back after this."""
-        self.end_batch()
+        batch = self._batch  # end_batch and send_batch, inlined on the per-response path
+        self._batch = None
+        if batch:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
         active = self._active
         if active is not None:
             active.batch = None
 
     # -- events from the upstream -----------------------------------------------------------
 
-    def _owner_of(self, up: UpstreamConnection, event: str, state: int) -> Exchange | None:
-        """The active exchange, when it holds ``up`` and is in ``state``; else a bug."""
+    def _stray(self, up: UpstreamConnection, event: str) -> None:
+        """An upstream event the active exchange does not expect: a bug."""
         exchange = self._active
-        if exchange is not None and exchange.upstream is up and exchange.state == state:
-            return exchange
         found = "none" if exchange is None else exchange_state_name(exchange.state)
         up.abort()
         self.bug(f"upstream {event} with the active exchange in state {found}")
-        return None
 
     def upstream_head(
         self, up: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        exchange = self._owner_of(up, "head", WAITING)
-        if exchange is None:
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up or exchange.state != WAITING:
+            self._stray(up, "head")
             return
         if status < 200:
             self._interim(exchange, up, status, headers)
@@ -184,8 +187,9 @@ class ResponseRelay(ClientIO):
                 self._write(body)
 
     def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
-        exchange = self._owner_of(up, "end of response", RELAYING)
-        if exchange is None:
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up or exchange.state != RELAYING:
+            self._stray(up, "end of response")
             return
         if exchange.response_mode == RESP_CHUNKED:
             self._write(LAST_CHUNK)
