@@ -51,11 +51,13 @@ class Router:
         }
         pools: dict[tuple[object, ...], UpstreamPool] = {}
 
+        max_idle = config.timeouts.upstream_idle
+
         def pool_for(backend: Backend) -> UpstreamPool:
             key = endpoint_key(backend)
             pool = self.pools.get(key)
             if pool is None:
-                pool = UpstreamPool(key)
+                pool = UpstreamPool(key, max_idle)
             pools[key] = pool
             return pool
 
@@ -64,6 +66,8 @@ class Router:
         )
 
         def commit() -> None:
+            for pool in pools.values():
+                pool.max_idle = max_idle  # timeouts.upstream_idle applies to kept pools too
             retired = [pool for key, pool in self.pools.items() if key not in pools]
             self.generation = table.generation
             self.states = states

@@ -629,6 +629,28 @@ def test_expire_idle_retires_old_connections() -> None:
     assert not fresh.closed
 
 
+def test_upstream_idle_sets_how_long_pooled_connections_may_wait() -> None:
+    def with_upstream_idle(value: str) -> Config:
+        return parse_config(
+            {
+                "backends": [{"name": "blue", "url": "http://blue.internal"}],
+                "timeouts": {"upstream_idle": value},
+            }
+        )
+
+    router = Router(with_upstream_idle("4s"))
+    pool = router.table.by_name["blue"].pool
+    assert pool.max_idle == 4.0
+    waiting = FakeConnection()
+    pool.put(waiting, 0.0)  # type: ignore[arg-type]
+    router.expire_idle(3.5)
+    assert not waiting.closed
+    router.expire_idle(4.5)
+    assert waiting.closed
+    router.apply(with_upstream_idle("9s"))  # a reload changes the pools it keeps too
+    assert router.table.by_name["blue"].pool is pool and pool.max_idle == 9.0
+
+
 def test_repr_is_informative() -> None:
     table = Router(make_config()).table
     assert "gen=1" in repr(table)
