@@ -244,7 +244,8 @@ class ClientConnection(ResponseRelay):
                 self.abort()
                 return None
             # A queued request cut short: dropped; the complete ones ahead are still answered.
-            self._queue.remove(parsing)
+            if parsing in self._queue:
+                self._queue.remove(parsing)
             state = HEAD
         if state not in (HEAD, BUSY, ENDING) or (self._active is None and not self._queue):
             return None  # nothing owed: close
@@ -390,7 +391,7 @@ class ClientConnection(ResponseRelay):
             self.move(new)
         self.deadline = INF
         if exchange is self._active:
-            if exchange.state == WAITING:
+            if exchange.state == WAITING and not self.write_paused:
                 # The whole request is upstream: now the backend has response_header to answer.
                 exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
         elif len(self._queue) >= PIPELINE_LIMIT:
@@ -498,10 +499,12 @@ class ClientConnection(ResponseRelay):
         exchange.upstream = up
         target = exchange.target_backend
         assert target is not None
-        if exchange.request_done:
+        if exchange.request_done and not self.write_paused:
             exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
         else:
-            exchange.deadline = INF  # the body still comes: client_body bounds the client
+            # The body still comes (client_body bounds the client), or the client holds the
+            # backend back (client_send bounds the client; resume_writing re-arms this).
+            exchange.deadline = INF
         head = exchange.request_head(target)
         body = exchange.body
         if body:

@@ -53,9 +53,10 @@ class ResponseRelay(ClientIO):
         up = self._upstream_for_io()
         if up is not None:
             up.set_reading(False)
-            # The client is slow, not the backend: no body deadline while we hold it back.
+            # The client is slow, not the backend: no response deadline while we hold the
+            # backend back (client_send bounds the client).
             active = self._active
-            if active is not None and active.state == RELAYING:
+            if active is not None and active.state in (WAITING, RELAYING):
                 active.deadline = INF
 
     def resume_writing(self) -> None:
@@ -64,7 +65,9 @@ class ResponseRelay(ClientIO):
         if up is not None:
             up.set_reading(True)
             active = self._active
-            if active is not None and active.state == RELAYING:
+            if active is not None and (
+                active.state == RELAYING or (active.state == WAITING and active.request_done)
+            ):
                 active.deadline = self.ctx.clock.now + self.ctx.settings.response_header
 
     def upstream_write_paused(self, up: UpstreamConnection, paused: bool) -> None:

@@ -352,6 +352,22 @@ def test_client_send_cuts_a_client_that_reads_nothing_and_the_backend_with_it(ri
     assert_terminal(rig)
 
 
+def test_a_backend_held_back_by_a_slow_client_is_not_timed_out(rig: Rig) -> None:
+    rig.send(GET % 1 + GET % 2)
+    up, first = rig.busy_upstream()
+    first.take()
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    rig.client.pause_writing()  # the first answer sits in a full buffer; the second is sent
+    second, upstream = rig.busy_upstream()
+    assert upstream.written.startswith(b"GET /2 ") and not upstream.reading
+    rig.advance(5.5)  # past response_header: not the backend's fault, no 504
+    assert statuses(bytes(rig.transport.written)) == [200]
+    rig.client.resume_writing()
+    rig.advance(4.75)  # the backend has its full response_header again
+    second.data_received(OK)
+    assert statuses(bytes(rig.transport.written)) == [200, 200]
+
+
 def test_a_slow_but_reading_client_is_not_cut(rig: Rig) -> None:
     rig.send(GET % 1)
     up, _ = rig.busy_upstream()
