@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import ssl
-import sys
 import time
 
 from tdproxy.config.loader import ConfigError, parse_config_text, read_config_text
@@ -24,6 +23,7 @@ from tdproxy.dataplane.context import ProxyContext, Settings
 from tdproxy.dataplane.redirect import RedirectServer
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
+from tdproxy.observability.log_output import QueuedLogHandler, stderr_writer
 from tdproxy.routing.router import Router
 from tdproxy.routing.table import Target
 
@@ -265,7 +265,9 @@ def describe_distribution(router: Router) -> str:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Python log records to stderr through a bounded queue and a writer thread: a stalled
+    reader costs log lines (counted), never the event loop's time."""
+    handler = QueuedLogHandler(stderr_writer())
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z")
     )

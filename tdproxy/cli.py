@@ -15,6 +15,7 @@ from tdproxy.config.loader import (
     resolve_path,
 )
 from tdproxy.config.model import Config
+from tdproxy.observability import log_output
 
 EXIT_INVALID_CONFIG = 2
 
@@ -85,6 +86,8 @@ def _run(path: str) -> int:
     try:
         asyncio.run(_serve(config, path, text))
     except OSError as exc:
+        log_output.close_all()
         print(f"tdproxy: cannot start: {exc}", file=sys.stderr)
         return 1
+    log_output.close_all()
     return 0
