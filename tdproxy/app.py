@@ -7,6 +7,8 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Sequence
+from typing import Literal
 
 from tdproxy.config.loader import ConfigError, parse_config_text, read_config_text
 from tdproxy.config.model import Config
@@ -19,6 +21,8 @@ from tdproxy.controlplane.reload import (
     restart_only_changes,
 )
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
+from tdproxy.controlplane.signals import HANDLED as HANDLED_SIGNALS
+from tdproxy.controlplane.signals import signal_name
 from tdproxy.dataplane.context import ProxyContext, Settings
 from tdproxy.dataplane.redirect import RedirectServer
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
@@ -54,6 +58,9 @@ class App:
         self._applied_hash = content_hash(config_text) if config_text is not None else None
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self.phase: Literal["starting", "running", "stopping"] = "starting"
+        self._starting: asyncio.Task[None] | None = None
+        self._reload_deferred = False  # SIGHUP during start-up: reload once started
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -87,19 +94,57 @@ class App:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (reloading on SIGHUP), then drain and stop."""
+    async def serve(self, early_signals: Sequence[int] = ()) -> None:
+        """Run until SIGTERM/SIGINT (reloading on SIGHUP), then drain and stop.
+
+        The signal handlers are installed before anything starts and stay until the loop ends;
+        ``early_signals`` arrived before that and are acted on first."""
         loop = asyncio.get_running_loop()
+        for signum in HANDLED_SIGNALS:
+            loop.add_signal_handler(signum, self.on_signal, signum)
         try:
-            await self.start()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
-            await self._stop.wait()
+            for early in early_signals:
+                self.on_signal(early)
+            if not self._stop.is_set():
+                self._starting = loop.create_task(self.start(), name="tdproxy-start")
+                try:
+                    await self._starting
+                except asyncio.CancelledError:
+                    if not self._stop.is_set():
+                        raise  # cancelled from outside, not by a stop signal
+                self._starting = None
+            if not self._stop.is_set():
+                self.phase = "running"
+                if self._reload_deferred:
+                    self._reload_soon()
+                await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            self.phase = "stopping"
             await self.stop()
+
+    def on_signal(self, signum: int) -> None:
+        """What a signal means depends on the phase: see the table in docs/operations.md."""
+        name = signal_name(signum)
+        phase = self.phase
+        if phase == "stopping":
+            # The drain goes on: in-flight requests keep their grace period.
+            log.warning("%s while stopping: ignored (the drain goes on)", name)
+        elif signum == signal.SIGHUP:
+            if phase == "starting":
+                log.info("SIGHUP during start-up: reload deferred until started")
+                self._reload_deferred = True
+            else:
+                self._reload_soon()
+        elif self._stop.is_set():
+            log.warning("%s: already stopping, ignored", name)
+        else:
+            self._stop.set()
+            if phase == "starting":
+                log.info("%s during start-up: stopping", name)
+                if self._starting is not None:
+                    self._starting.cancel()
+            else:
+                log.info("%s: stopping", name)
 
     async def stop(self) -> None:
         grace = self.config.timeouts.shutdown_grace

@@ -15,6 +15,7 @@ from tdproxy.config.loader import (
     resolve_path,
 )
 from tdproxy.config.model import Config
+from tdproxy.controlplane.signals import EarlySignals, ignore_all
 from tdproxy.observability import log_output
 
 EXIT_INVALID_CONFIG = 2
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     return demo.run_backend(args.name, args.host, args.port)
 
 
-async def _serve(config: Config, path: str, text: str) -> None:
+async def _serve(config: Config, path: str, text: str, early: EarlySignals) -> None:
     from tdproxy.app import App
 
-    await App(config, path, text).serve()
+    await App(config, path, text).serve(early.received)
 
 
 def _check(path: str) -> int:
@@ -75,6 +76,8 @@ def _check(path: str) -> int:
 def _run(path: str) -> int:
     from tdproxy.app import install_event_loop_policy, setup_logging
 
+    early = EarlySignals()
+    early.install()  # before anything else: no signal may meet Python's defaults
     setup_logging()
     try:
         text = read_config_text(path)
@@ -84,10 +87,12 @@ def _run(path: str) -> int:
         return EXIT_INVALID_CONFIG
     install_event_loop_policy()
     try:
-        asyncio.run(_serve(config, path, text))
+        asyncio.run(_serve(config, path, text, early))
     except OSError as exc:
         log_output.close_all()
         print(f"tdproxy: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        ignore_all()
     log_output.close_all()
     return 0
