@@ -9,7 +9,6 @@ import sys
 from tdproxy import __version__
 from tdproxy.config.loader import (
     ConfigError,
-    load_config,
     parse_config_text,
     read_config_text,
     resolve_path,
@@ -62,9 +61,23 @@ async def _serve(config: Config, path: str, text: str, early: EarlySignals) -> N
     await App(config, path, text).serve(early.received)
 
 
+def load_and_build(path: str) -> tuple[str, Config]:
+    """Read, parse and validate the file, and build its routing table once, as a reload does:
+    every failure, expected or not, is a :class:`ConfigError` that says what went wrong."""
+    from tdproxy.routing.router import Router
+
+    text = read_config_text(path)
+    config = parse_config_text(text, path)
+    try:
+        Router(config)
+    except Exception as exc:
+        raise ConfigError(path, [f"cannot build the routing table: {exc}"]) from None
+    return text, config
+
+
 def _check(path: str) -> int:
     try:
-        config = load_config(path)
+        _, config = load_and_build(path)
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
@@ -80,8 +93,7 @@ def _run(path: str) -> int:
     early.install()  # before anything else: no signal may meet Python's defaults
     setup_logging()
     try:
-        text = read_config_text(path)
-        config = parse_config_text(text, path)
+        text, config = load_and_build(path)
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
