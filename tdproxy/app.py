@@ -6,8 +6,9 @@ import asyncio
 import logging
 import signal
 import ssl
-import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 from tdproxy.config.loader import ConfigError, parse_config_text, read_config_text
 from tdproxy.config.model import Config
@@ -20,12 +21,15 @@ from tdproxy.controlplane.reload import (
     restart_only_changes,
 )
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
+from tdproxy.controlplane.signals import HANDLED as HANDLED_SIGNALS
+from tdproxy.controlplane.signals import signal_name
 from tdproxy.dataplane.context import ProxyContext, Settings
 from tdproxy.dataplane.redirect import RedirectServer
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
+from tdproxy.observability.log_output import QueuedLogHandler, stderr_writer
 from tdproxy.routing.router import Router
-from tdproxy.routing.table import Target
+from tdproxy.routing.table import RoutingTable, Target
 
 log = logging.getLogger("tdproxy")
 
@@ -54,6 +58,9 @@ class App:
         self._applied_hash = content_hash(config_text) if config_text is not None else None
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self.phase: Literal["starting", "running", "stopping"] = "starting"
+        self._starting: asyncio.Task[None] | None = None
+        self._reload_deferred = False  # SIGHUP during start-up: reload once started
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -77,7 +84,7 @@ class App:
         self.health.start()
         await self.admin.start(self, config.admin.address, config.admin.port)
         if self.config_path is not None:
-            self.watcher = ConfigWatcher(self.config_path, lambda: self.reload("file"))
+            self.watcher = ConfigWatcher(self.config_path, lambda text: self.reload("file", text))
             self.watcher.start()
         self.reload_history.record(
             ReloadOutcome(True, time.time(), "start", self.router.generation)
@@ -87,19 +94,57 @@ class App:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (reloading on SIGHUP), then drain and stop."""
+    async def serve(self, early_signals: Sequence[int] = ()) -> None:
+        """Run until SIGTERM/SIGINT (reloading on SIGHUP), then drain and stop.
+
+        The signal handlers are installed before anything starts and stay until the loop ends;
+        ``early_signals`` arrived before that and are acted on first."""
         loop = asyncio.get_running_loop()
+        for signum in HANDLED_SIGNALS:
+            loop.add_signal_handler(signum, self.on_signal, signum)
         try:
-            await self.start()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
-            await self._stop.wait()
+            for early in early_signals:
+                self.on_signal(early)
+            if not self._stop.is_set():
+                self._starting = loop.create_task(self.start(), name="tdproxy-start")
+                try:
+                    await self._starting
+                except asyncio.CancelledError:
+                    if not self._stop.is_set():
+                        raise  # cancelled from outside, not by a stop signal
+                self._starting = None
+            if not self._stop.is_set():
+                self.phase = "running"
+                if self._reload_deferred:
+                    self._reload_soon()
+                await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            self.phase = "stopping"
             await self.stop()
+
+    def on_signal(self, signum: int) -> None:
+        """What a signal means depends on the phase: see the table in docs/operations.md."""
+        name = signal_name(signum)
+        phase = self.phase
+        if phase == "stopping":
+            # The drain goes on: in-flight requests keep their grace period.
+            log.warning("%s while stopping: ignored (the drain goes on)", name)
+        elif signum == signal.SIGHUP:
+            if phase == "starting":
+                log.info("SIGHUP during start-up: reload deferred until started")
+                self._reload_deferred = True
+            else:
+                self._reload_soon()
+        elif self._stop.is_set():
+            log.warning("%s: already stopping, ignored", name)
+        else:
+            self._stop.set()
+            if phase == "starting":
+                log.info("%s during start-up: stopping", name)
+                if self._starting is not None:
+                    self._starting.cancel()
+            else:
+                log.info("%s: stopping", name)
 
     async def stop(self) -> None:
         grace = self.config.timeouts.shutdown_grace
@@ -147,10 +192,12 @@ class App:
         task = asyncio.get_running_loop().create_task(self.reload("signal"))
         self._background = task  # keep a reference until it is done
 
-    async def reload(self, trigger: str) -> ReloadOutcome:
-        """Read the file again and apply it whole, or keep the running config and say why."""
+    async def reload(self, trigger: str, text: str | None = None) -> ReloadOutcome:
+        """Read the file again (or take ``text``, the watcher's settled copy of it) and apply it
+        whole, or keep the running config and say why. Never raises: whatever goes wrong is a
+        failed reload, counted, logged and answered with the reason."""
         async with self._reload_lock:
-            outcome = self._reload(trigger)
+            outcome = await self._reload(trigger, text)
             if outcome is not None:
                 self.reload_history.record(outcome)
                 return outcome
@@ -158,7 +205,7 @@ class App:
             assert last is not None
             return last
 
-    def _reload(self, trigger: str) -> ReloadOutcome | None:
+    async def _reload(self, trigger: str, text: str | None) -> ReloadOutcome | None:
         path = self.config_path
         generation = self.router.generation
         if path is None:
@@ -166,20 +213,16 @@ class App:
                 trigger, generation, ["no config file: this process was started without one"]
             )
         try:
-            text = read_config_text(path)
-            digest = content_hash(text)
-            if digest == self._applied_hash:
+            # Read, parse, validate and build in a worker thread: a big file must not stall
+            # the data plane. Only the swap below runs on the event loop.
+            prepared = await asyncio.to_thread(self._prepare, path, text)
+            if prepared is None:
                 # Unchanged: nothing to rebuild. A signal or API call still re-reads the TLS
                 # files (how a renewed certificate is picked up), and a file put back after a
                 # failed edit clears that failure.
                 if trigger == "file" and self.reload_history.last_successful:
                     return None
                 return self._reload_unchanged(trigger)
-            new = parse_config_text(text, path)
-            table, commit = self.router.prepare(new)
-            tls = new.entrypoint.tls
-            if tls is not None and self.config.entrypoint.tls is not None:
-                tls_server_context(tls.certificate, tls.key)  # fails here, before any swap
         except ConfigError as exc:
             log.error(
                 "reload (%s) failed, still serving generation %d:\n%s",
@@ -188,20 +231,20 @@ class App:
                 exc.describe(),
             )
             return _failed(trigger, generation, [f"{exc.path}: {e}" for e in exc.errors])
-        except (OSError, ssl.SSLError, ValueError) as exc:
+        except Exception as exc:  # anything else is a failed reload too, never a lost one
+            reason = _describe_error(exc)
             log.error(
-                "reload (%s) failed, still serving generation %d: %s", trigger, generation, exc
+                "reload (%s) failed, still serving generation %d: %s", trigger, generation, reason
             )
-            return _failed(trigger, generation, [f"{path}: {exc}"])
-        old = self.config
-        changes = describe_changes(old, new)
-        # Listeners were bound from the start-up config: compare with that, not the last file.
-        pending = restart_only_changes(self.started_config, new)
+            return _failed(trigger, generation, [f"{path}: {reason}"])
         # Everything is built; from here on nothing can fail.
-        self.router.install(table, commit)
-        self._apply_settings(new)
-        self.config = new
-        self._applied_hash = digest
+        table = prepared.table
+        table.refresh()  # health may have changed while the table was built in the thread
+        self.router.install(table, prepared.commit)
+        self._apply_settings(prepared.config)
+        self.config = prepared.config
+        self._applied_hash = prepared.digest
+        changes, pending = prepared.changes, prepared.pending
         summary = "; ".join(changes) if changes else "no live change"
         if pending:
             summary += "; at the next start: " + "; ".join(pending)
@@ -216,6 +259,29 @@ class App:
             log.warning("not applied until the next start: %s", item)
         return ReloadOutcome(
             True, time.time(), trigger, table.generation, tuple(changes), (), tuple(pending)
+        )
+
+    def _prepare(self, path: str, text: str | None) -> _Prepared | None:
+        """Everything a reload does before the swap (in a worker thread; it changes nothing).
+        None when the content is the one already applied."""
+        if text is None:
+            text = read_config_text(path)
+        digest = content_hash(text)
+        if digest == self._applied_hash:
+            return None
+        new = parse_config_text(text, path)
+        table, commit = self.router.prepare(new)
+        tls = new.entrypoint.tls
+        if tls is not None and self.config.entrypoint.tls is not None:
+            tls_server_context(tls.certificate, tls.key)  # fails here, before any swap
+        return _Prepared(
+            new,
+            table,
+            commit,
+            digest,
+            describe_changes(self.config, new),
+            # Listeners were bound from the start-up config: compare with that, not the last file.
+            restart_only_changes(self.started_config, new),
         )
 
     def _reload_unchanged(self, trigger: str) -> ReloadOutcome:
@@ -243,6 +309,24 @@ def _access_log(config: Config) -> AccessLog | None:
     return AccessLog(config.access_log.format) if config.access_log.enabled else None
 
 
+class _Prepared(NamedTuple):
+    """A new generation, built and checked, waiting for the swap."""
+
+    config: Config
+    table: RoutingTable
+    commit: Callable[[], None]
+    digest: str
+    changes: list[str]
+    pending: list[str]  # changes that apply only at the next start
+
+
+def _describe_error(exc: BaseException) -> str:
+    """The reason a reload failed, for the log, the API and the status page."""
+    if isinstance(exc, OSError | ssl.SSLError | ValueError):
+        return str(exc) or type(exc).__name__
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
 def _failed(trigger: str, generation: int, errors: list[str]) -> ReloadOutcome:
     return ReloadOutcome(False, time.time(), trigger, generation, errors=tuple(errors))
 
@@ -265,7 +349,9 @@ def describe_distribution(router: Router) -> str:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Python log records to stderr through a bounded queue and a writer thread: a stalled
+    reader costs log lines (counted), never the event loop's time."""
+    handler = QueuedLogHandler(stderr_writer())
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z")
     )

@@ -9,12 +9,13 @@ import sys
 from tdproxy import __version__
 from tdproxy.config.loader import (
     ConfigError,
-    load_config,
     parse_config_text,
     read_config_text,
     resolve_path,
 )
 from tdproxy.config.model import Config
+from tdproxy.controlplane.signals import EarlySignals, ignore_all
+from tdproxy.observability import log_output
 
 EXIT_INVALID_CONFIG = 2
 
@@ -54,15 +55,29 @@ def main(argv: list[str] | None = None) -> int:
     return demo.run_backend(args.name, args.host, args.port)
 
 
-async def _serve(config: Config, path: str, text: str) -> None:
+async def _serve(config: Config, path: str, text: str, early: EarlySignals) -> None:
     from tdproxy.app import App
 
-    await App(config, path, text).serve()
+    await App(config, path, text).serve(early.received)
+
+
+def load_and_build(path: str) -> tuple[str, Config]:
+    """Read, parse and validate the file, and build its routing table once, as a reload does:
+    every failure, expected or not, is a :class:`ConfigError` that says what went wrong."""
+    from tdproxy.routing.router import Router
+
+    text = read_config_text(path)
+    config = parse_config_text(text, path)
+    try:
+        Router(config)
+    except Exception as exc:
+        raise ConfigError(path, [f"cannot build the routing table: {exc}"]) from None
+    return text, config
 
 
 def _check(path: str) -> int:
     try:
-        config = load_config(path)
+        _, config = load_and_build(path)
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
@@ -74,17 +89,22 @@ def _check(path: str) -> int:
 def _run(path: str) -> int:
     from tdproxy.app import install_event_loop_policy, setup_logging
 
+    early = EarlySignals()
+    early.install()  # before anything else: no signal may meet Python's defaults
     setup_logging()
     try:
-        text = read_config_text(path)
-        config = parse_config_text(text, path)
+        text, config = load_and_build(path)
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
     install_event_loop_policy()
     try:
-        asyncio.run(_serve(config, path, text))
+        asyncio.run(_serve(config, path, text, early))
     except OSError as exc:
+        log_output.close_all()
         print(f"tdproxy: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        ignore_all()
+    log_output.close_all()
     return 0

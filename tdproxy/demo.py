@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tdproxy.app import App, install_event_loop_policy, setup_logging
 from tdproxy.config.loader import parse_config
+from tdproxy.observability import log_output
 
 _COLORS = {"blue": "#1f6feb", "green": "#2da44e"}
 
@@ -99,6 +100,8 @@ def run_demo(host: str, port: int, admin_port: int) -> int:
     except OSError as exc:
         print(f"tdproxy demo: cannot start: {exc}")
         return 1
+    finally:
+        log_output.close_all()
     return 0
 
 

@@ -19,6 +19,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*(?:-\s*(\d{3}))?\s*$")
 
 
+def redact_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` before the host replaced by ``***@``."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        return url
+    return f"{scheme}{separator}***@{rest[at + 1 :]}"
+
+
 def duplicate_names(backends: object) -> list[str]:
     """``backends[i].name: 'x' is used more than once`` for raw or validated backend lists."""
     if not isinstance(backends, list | tuple):
@@ -66,6 +78,14 @@ class Sticky(_Model):
     max_age: Duration | None = None
     secret: str | None = None
 
+    @field_validator("max_age")
+    @classmethod
+    def _check_max_age(cls, value: float | None) -> float | None:
+        # Max-Age is whole seconds: below 1 s it would be 0, which deletes the cookie at once.
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1s (null = a session cookie)")
+        return value
+
 
 class Routing(_Model):
     method: Literal["round_robin", "sticky", "failover"] = "round_robin"
@@ -96,19 +116,22 @@ class Backend(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
+        # Errors show the url with any user:password@ replaced, so credentials written there
+        # by mistake never reach the log, the status page or the reload API.
+        shown = repr(redact_userinfo(value))
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https"):
-            raise ValueError(f"{value!r} must start with http:// or https://")
+            raise ValueError(f"{shown} must start with http:// or https://")
+        if "@" in parts.netloc:
+            raise ValueError(f"{shown} must not carry credentials")
         if not parts.hostname:
-            raise ValueError(f"{value!r} has no host")
+            raise ValueError(f"{shown} has no host")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"{value!r} must not have a path, query or fragment")
-        if parts.username or parts.password:
-            raise ValueError(f"{value!r} must not carry credentials")
+            raise ValueError(f"{shown} must not have a path, query or fragment")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            raise ValueError(f"{value!r} has an invalid port") from exc
+        except ValueError:
+            raise ValueError(f"{shown} has an invalid port") from None
         return value
 
     @field_validator("host_header")
@@ -160,12 +183,15 @@ class PassiveHealth(_Model):
     max_failures: Annotated[int, Field(ge=0)] = 3
 
 
+MIN_HEALTH_INTERVAL = 0.1
+
+
 class HealthCheck(_Model):
     enabled: bool = True
     type: Literal["http", "tcp"] = "http"
     path: str = "/"
     interval: Duration = 3.0
-    timeout: Duration = 1.0
+    timeout: Duration = 1.0  # > 0, as every duration
     fall: Annotated[int, Field(ge=1)] = 3
     rise: Annotated[int, Field(ge=1)] = 3
     expect_status: tuple[StatusRange, ...] = ((200, 200),)
@@ -185,6 +211,13 @@ class HealthCheck(_Model):
         if not items:
             raise ValueError("needs at least one status code")
         return items
+
+    @field_validator("interval")
+    @classmethod
+    def _check_interval(cls, value: float) -> float:
+        if value < MIN_HEALTH_INTERVAL:
+            raise ValueError("must be at least 100ms")
+        return value
 
     def accepts(self, status: int) -> bool:
         return any(low <= status <= high for low, high in self.expect_status)
@@ -215,6 +248,14 @@ class Admin(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 9901
     token: str | None = None
     token_env: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: str | None) -> str | None:
+        # An empty token would be matched by a bare "Authorization: Bearer".
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty or blank (leave it out or null for no token)")
+        return value
 
     @model_validator(mode="after")
     def _one_token_source(self) -> Admin:

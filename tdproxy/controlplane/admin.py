@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -53,6 +54,8 @@ log = logging.getLogger("tdproxy.admin")
 
 WINDOW_SECONDS = SHARE_WINDOW_SECONDS
 SAMPLE_INTERVAL = 5.0
+HEAD_TIMEOUT = 10.0  # seconds a connection may take to complete a request head (or stay idle)
+MAX_CONNECTIONS = 256  # admin connections open at once; more are closed at once
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -404,11 +407,19 @@ def make_app(source: AdminSource, window: RecentWindow | None = None) -> web.App
 
 
 class AdminServer:
-    """Serves :func:`make_app` on the admin address and owns the window-sampling task."""
+    """Serves :func:`make_app` on the admin address and owns the window-sampling task.
+
+    The listener is tdproxy's own rather than aiohttp's ``TCPSite``, to bound what a client can
+    hold: at most ``MAX_CONNECTIONS`` connections (more are closed as soon as they are
+    accepted), and a connection that has not completed a request head within ``HEAD_TIMEOUT``
+    of opening (or of its previous response) is closed, which also ends idle keep-alive.
+    """
 
     def __init__(self) -> None:
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._refusals = 0
         self.address = ""
         self.port = 0  # the bound port (useful when started with port 0)
 
@@ -422,17 +433,24 @@ class AdminServer:
             raise RuntimeError("the admin server is already running")
         window = RecentWindow()
         window.sample(source.router)
-        runner = web.AppRunner(make_app(source, window), access_log=None)
+        # aiohttp's keep-alive timer runs from the connection's start (and from each response
+        # on) until a complete request head arrives, so it is a deadline for heads as well.
+        runner = web.AppRunner(
+            make_app(source, window), access_log=None, keepalive_timeout=HEAD_TIMEOUT
+        )
         await runner.setup()
+        server = runner.server
+        assert server is not None
         try:
-            site = web.TCPSite(runner, address, port)
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                lambda: self._accept(server), address, port, reuse_address=True
+            )
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self.address = address
-        self.port = runner.addresses[0][1]
+        self.port = self._listener.sockets[0].getsockname()[1]
         self._sampler = asyncio.create_task(self._sample(source, window), name="admin-sampler")
         required, token = admin_token(source.config.admin)
         if required and token is None:
@@ -440,7 +458,24 @@ class AdminServer:
                 "admin.token_env names %s, which is not set: POST endpoints are refused",
                 source.config.admin.token_env,
             )
+        elif not required and not is_loopback(address):
+            log.warning(
+                "admin server on %s without a token: anyone who can reach it can reload the "
+                "config; set admin.token or admin.token_env, or listen on 127.0.0.1",
+                self.url,
+            )
         log.info("admin server on %s (status page %s/status)", self.url, self.url)
+
+    def _accept(self, server: web.Server) -> asyncio.BaseProtocol:
+        if len(server.connections) < MAX_CONNECTIONS:
+            return server()
+        self._refusals += 1
+        if self._refusals == 1:
+            log.warning(
+                "admin server: %d connections open, closing new ones until some end",
+                MAX_CONNECTIONS,
+            )
+        return _Refused()
 
     @staticmethod
     async def _sample(source: AdminSource, window: RecentWindow) -> None:
@@ -454,6 +489,28 @@ class AdminServer:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if listener is not None:
+            await listener.wait_closed()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed at once, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (as ``admin.address`` writes it) is reachable from this host only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

@@ -6,6 +6,8 @@ The data plane only bumps plain integers on :class:`~tdproxy.routing.state.Backe
 duration buckets, derives the observed traffic share and reads the configured weights from the
 current routing table. Labels come only from config names (backend names) and from fixed sets
 chosen by tdproxy (error kinds, check results, reload results), never from request data.
+The count of dropped log lines is process-wide and comes from
+:mod:`tdproxy.observability.log_output`.
 
 Series follow the current config: a backend removed by a reload disappears from every family,
 since the router no longer holds its state. The collector is registered on its own
@@ -29,6 +31,7 @@ from prometheus_client.exposition import choose_encoder
 
 import tdproxy
 from tdproxy.controlplane.reload_state import ReloadHistory
+from tdproxy.observability import log_output
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import DURATION_BUCKETS
 from tdproxy.routing.table import Target
@@ -53,9 +56,15 @@ class MetricsSource(Protocol):
 class TdproxyCollector:
     """A custom collector: every family is built from the live objects on each scrape."""
 
-    def __init__(self, source: MetricsSource, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        source: MetricsSource,
+        clock: Callable[[], float] = time.time,
+        dropped_log_lines: Callable[[], int] = log_output.dropped_lines,
+    ) -> None:
         self._source = source
         self._clock = clock
+        self._dropped_log_lines = dropped_log_lines
 
     def describe(self) -> list[Metric]:
         # Registration must not call collect(): the source may still be starting up.
@@ -170,6 +179,12 @@ class TdproxyCollector:
             "tdproxy_connections_active",
             "Client connections open on the entrypoint.",
             value=source.connections_active(),
+        )
+        yield CounterMetricFamily(
+            "tdproxy_log_lines_dropped",
+            "Log lines (access log and tdproxy's own log) dropped because their output could "
+            "not keep up; logging never blocks traffic.",
+            value=self._dropped_log_lines(),
         )
         build = GaugeMetricFamily(
             "tdproxy_build_info", "tdproxy's version; the value is always 1.", labels=["version"]

@@ -103,6 +103,7 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
         "tdproxy_connections_active": ("gauge", set()),
         "tdproxy_build_info": ("gauge", {"version"}),
         "tdproxy_unrouted_requests": ("counter", {"code"}),
+        "tdproxy_log_lines_dropped": ("counter", set()),
     }
     for name, (kind, labels) in expected.items():
         assert name in found, name
