@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tdproxy.config.loader import parse_config_text
 from tdproxy.dataplane.client import ClientConnection
 from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.upstream import UpstreamConnection
 from tdproxy.routing.router import Router
 
@@ -90,9 +91,10 @@ class Rig:
     def __init__(self, show: bool = False) -> None:
         config = parse_config_text(CONFIG)
         self.loop = asyncio.new_event_loop()
-        router = Router(config)
-        ctx = ProxyContext(self.loop, router, config, None, lambda target, kind: None)
-        for pool in router.pools.values():
+        endpoints = Endpoints()
+        router = Router(config, endpoints)
+        ctx = ProxyContext(self.loop, router, config, None, lambda target, kind: None, endpoints)
+        for pool in endpoints.pools:
             upstream = UpstreamConnection(pool)
             upstream.connection_made(MemoryTransport(f"backend {pool.key[0]}", show))  # type: ignore[arg-type]
             pool.put(upstream, 0.0)

@@ -24,6 +24,7 @@ from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tdproxy.controlplane.signals import HANDLED as HANDLED_SIGNALS
 from tdproxy.controlplane.signals import signal_name
 from tdproxy.dataplane.context import ProxyContext, Settings
+from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.redirect import RedirectServer
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
@@ -47,7 +48,10 @@ class App:
         self.config = config
         self.started_config = config  # what the listeners were bound with
         self.config_path = config_path
-        self.router = Router(config, secure_cookie=config.entrypoint.tls is not None)
+        self.endpoints = Endpoints()  # the data plane's pools and TLS contexts per backend
+        self.router = Router(
+            config, self.endpoints, secure_cookie=config.entrypoint.tls is not None
+        )
         self.reload_history = ReloadHistory()
         self.ctx: ProxyContext | None = None
         self.entrypoint: Entrypoint | None = None
@@ -71,7 +75,7 @@ class App:
             # One round before accepting: a dead environment gets no traffic from the start.
             await self.health.initial_round()
         self.ctx = ProxyContext(
-            loop, self.router, config, _access_log(config), self.passive_failure
+            loop, self.router, config, _access_log(config), self.passive_failure, self.endpoints
         )
         self.entrypoint = Entrypoint(self.ctx, config)
         await self.entrypoint.start()

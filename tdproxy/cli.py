@@ -64,12 +64,13 @@ async def _serve(config: Config, path: str, text: str, early: EarlySignals) -> N
 def load_and_build(path: str) -> tuple[str, Config]:
     """Read, parse and validate the file, and build its routing table once, as a reload does:
     every failure, expected or not, is a :class:`ConfigError` that says what went wrong."""
+    from tdproxy.dataplane.endpoints import Endpoints
     from tdproxy.routing.router import Router
 
     text = read_config_text(path)
     config = parse_config_text(text, path)
     try:
-        Router(config)
+        Router(config, Endpoints())
     except Exception as exc:
         raise ConfigError(path, [f"cannot build the routing table: {exc}"]) from None
     return text, config

@@ -299,8 +299,8 @@ class HealthChecker:
             url,
             headers={"Host": host},
             allow_redirects=False,  # a redirect is an answer to judge, not a place to go
-            ssl=target.ssl_context or True,
-            server_hostname=target.server_hostname,
+            ssl=target.endpoint.ssl_context or True,
+            server_hostname=target.endpoint.server_hostname,
         ) as response:
             await _discard_body(response)
             status = response.status
@@ -308,7 +308,7 @@ class HealthChecker:
 
     @staticmethod
     async def _probe_tcp(target: Target) -> Result:
-        _, writer = await asyncio.open_connection(target.host, target.port)
+        _, writer = await asyncio.open_connection(target.backend.host, target.backend.port)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()

@@ -442,7 +442,7 @@ class ClientConnection(ResponseRelay):
         exchange.tried.append(target)
         target.state.in_flight += 1
         exchange.counted = True
-        up = target.pool.get()
+        up = target.endpoint.pool.get()
         if up is not None:
             self._attach(exchange, up)
         elif self._enter(exchange, CONNECTING):
@@ -451,14 +451,15 @@ class ClientConnection(ResponseRelay):
 
     async def _connect(self, exchange: Exchange, target: Target) -> None:
         loop = self.ctx.loop
+        endpoint = target.endpoint
         try:
             _, up = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: UpstreamConnection(target.pool),
-                    target.host,
-                    target.port,
-                    ssl=target.ssl_context,
-                    server_hostname=target.server_hostname,
+                    lambda: UpstreamConnection(endpoint.pool),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=endpoint.ssl_context,
+                    server_hostname=endpoint.server_hostname,
                 ),
                 self.ctx.settings.connect,
             )

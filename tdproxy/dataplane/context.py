@@ -12,6 +12,7 @@ from tdproxy.dataplane.lifecycle import BACKSTOP_SLACK, LINGER_SECONDS
 
 if TYPE_CHECKING:
     from tdproxy.dataplane.client import ClientConnection
+    from tdproxy.dataplane.endpoints import Endpoints
     from tdproxy.observability.access_log import AccessLog
     from tdproxy.routing.router import Router
     from tdproxy.routing.table import Target
@@ -90,6 +91,7 @@ class ProxyContext:
         "access_log",
         "clock",
         "connections",
+        "endpoints",
         "loop",
         "max_connections",
         "on_passive_failure",
@@ -108,9 +110,11 @@ class ProxyContext:
         config: Config,
         access_log: AccessLog | None,
         on_passive_failure: Callable[[Target, str], None],
+        endpoints: Endpoints,
     ) -> None:
         self.loop = loop
         self.router = router
+        self.endpoints = endpoints
         self.settings = Settings(config)
         self.max_connections = config.limits.max_connections
         self.scheme = b"https" if config.entrypoint.tls else b"http"

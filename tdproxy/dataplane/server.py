@@ -66,7 +66,7 @@ class Entrypoint:
             now = ctx.clock.now
             for connection in list(ctx.connections):
                 connection.check_deadline(now)
-            ctx.router.expire_idle(now)
+            ctx.endpoints.expire_idle(now)
             if ctx.access_log is not None:
                 ctx.access_log.flush()
 
@@ -91,7 +91,7 @@ class Entrypoint:
                 await self._sweeper
         for task in list(ctx.tasks):
             task.cancel()
-        ctx.router.close()
+        ctx.endpoints.close()
         if ctx.access_log is not None:
             ctx.access_log.flush()
         if self._server is not None:

@@ -1,34 +1,47 @@
 """The Router holds the current routing table and builds the next one.
 
 A new config generation becomes a complete new :class:`RoutingTable`, swapped in with one
-assignment. Observed state (:class:`BackendState`) is carried over by backend name; connection
-pools are carried over while a backend's endpoint (scheme, host, port, TLS verification) stays
-the same, and retired otherwise.
+assignment. Observed state (:class:`BackendState`) is carried over by backend name. How a backend
+is reached (its connection pool and TLS context) belongs to the data plane: the router asks an
+:class:`EndpointProvider` (``tdproxy.dataplane.endpoints.Endpoints``) for each backend's endpoint
+and commits the provider's choice together with the table, so routing imports no networking code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from tdproxy.config.model import Backend, Config
-from tdproxy.dataplane.pool import UpstreamPool
 from tdproxy.routing.state import BackendState
 from tdproxy.routing.table import RoutingTable
 
+if TYPE_CHECKING:
+    from tdproxy.dataplane.endpoints import Endpoint
 
-def endpoint_key(backend: Backend) -> tuple[object, ...]:
-    return (backend.name, backend.scheme, backend.host, backend.port, backend.tls_verify)
+
+class EndpointChoice(Protocol):
+    """The endpoints prepared for one config: nothing changes until ``commit``."""
+
+    def for_backend(self, backend: Backend) -> Endpoint: ...
+
+    def commit(self) -> None: ...
+
+
+class EndpointProvider(Protocol):
+    def prepare(self, config: Config) -> EndpointChoice: ...
 
 
 class Router:
     def __init__(
         self,
         config: Config,
+        endpoints: EndpointProvider,
         secure_cookie: bool = False,
         initial_health: Callable[[Backend], bool] = lambda backend: True,
     ) -> None:
         self.states: dict[str, BackendState] = {}
-        self.pools: dict[tuple[object, ...], UpstreamPool] = {}
+        self.endpoints = endpoints
         self.generation = 0
         self._secure_cookie = secure_cookie
         self._initial_health = initial_health
@@ -42,38 +55,27 @@ class Router:
     def prepare(self, config: Config) -> tuple[RoutingTable, Callable[[], None]]:
         """Build the table for ``config`` without changing anything yet.
 
-        Returns the table and a commit function that makes its states and pools the router's
-        own; nothing is changed until that function runs, so a failed build loses nothing."""
+        Returns the table and a commit function that makes its states and endpoints the
+        router's own; nothing is changed until that function runs, so a failed build loses
+        nothing."""
         states = {
             backend.name: self.states.get(backend.name)
             or BackendState(backend.name, healthy=self._initial_health(backend))
             for backend in config.backends
         }
-        pools: dict[tuple[object, ...], UpstreamPool] = {}
-
-        max_idle = config.timeouts.upstream_idle
-
-        def pool_for(backend: Backend) -> UpstreamPool:
-            key = endpoint_key(backend)
-            pool = self.pools.get(key)
-            if pool is None:
-                pool = UpstreamPool(key, max_idle)
-            pools[key] = pool
-            return pool
-
+        choice = self.endpoints.prepare(config)
         table = RoutingTable(
-            config, states, pool_for, self.generation + 1, secure_cookie=self._secure_cookie
+            config,
+            states,
+            choice.for_backend,
+            self.generation + 1,
+            secure_cookie=self._secure_cookie,
         )
 
         def commit() -> None:
-            for pool in pools.values():
-                pool.max_idle = max_idle  # timeouts.upstream_idle applies to kept pools too
-            retired = [pool for key, pool in self.pools.items() if key not in pools]
             self.generation = table.generation
             self.states = states
-            self.pools = pools
-            for pool in retired:
-                pool.close()
+            choice.commit()
 
         return table, commit
 
@@ -91,11 +93,3 @@ class Router:
     def refresh(self) -> None:
         """Health changed somewhere: rebuild the current table's selector."""
         self.table.refresh()
-
-    def expire_idle(self, now: float) -> None:
-        for pool in self.pools.values():
-            pool.expire(now)
-
-    def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()

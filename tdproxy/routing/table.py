@@ -10,7 +10,6 @@ requests already running keep the table (and targets) they started with.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -20,41 +19,31 @@ from tdproxy.routing.state import BackendState
 from tdproxy.routing.sticky import StickyCodec, cookie_value, set_cookie_header
 
 if TYPE_CHECKING:
-    from tdproxy.dataplane.pool import UpstreamPool
+    from tdproxy.dataplane.endpoints import Endpoint
 
 
 class Target:
-    """One backend within one table generation: its config, derived bytes and observed state."""
+    """One backend within one table generation: its config, derived bytes and observed state,
+    and the data plane's endpoint for it (how to reach it is not routing's business)."""
 
     __slots__ = (
         "backend",
         "backup",
-        "host",
+        "endpoint",
         "host_header",
         "name",
-        "pool",
-        "port",
-        "server_hostname",
         "set_cookie",
-        "ssl_context",
         "state",
         "weight",
     )
 
-    def __init__(self, backend: Backend, state: BackendState, pool: UpstreamPool) -> None:
+    def __init__(self, backend: Backend, state: BackendState, endpoint: Endpoint) -> None:
         self.backend = backend
         self.name = backend.name
         self.weight = backend.weight
         self.backup = backend.backup
         self.state = state
-        self.pool = pool
-        self.host = backend.host
-        self.port = backend.port
-        self.ssl_context: ssl.SSLContext | None = None
-        self.server_hostname: str | None = None
-        if backend.scheme == "https":
-            self.ssl_context = tls_client_context(backend.tls_verify)
-            self.server_hostname = backend.host
+        self.endpoint = endpoint
         # None = preserve the client's Host header.
         if backend.host_header == "preserve":
             self.host_header: bytes | None = None
@@ -66,14 +55,6 @@ class Target:
 
     def __repr__(self) -> str:
         return f"<Target {self.name} weight={self.weight} {self.state!r}>"
-
-
-def tls_client_context(verify: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class RoutingTable:
@@ -98,7 +79,7 @@ class RoutingTable:
         self,
         config: Config,
         states: dict[str, BackendState],
-        pool_for: Callable[[Backend], UpstreamPool],
+        endpoint_for: Callable[[Backend], Endpoint],
         generation: int,
         secure_cookie: bool = False,
     ) -> None:
@@ -109,7 +90,9 @@ class RoutingTable:
         self.reject_when_down = routing.when_all_down == "reject"
         self.targets = [
             Target(
-                backend, states.get(backend.name) or BackendState(backend.name), pool_for(backend)
+                backend,
+                states.get(backend.name) or BackendState(backend.name),
+                endpoint_for(backend),
             )
             for backend in config.backends
         ]

@@ -17,6 +17,7 @@ from typing import Any
 from tdproxy.config.loader import parse_config
 from tdproxy.dataplane.client import ClientConnection
 from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.lifecycle import CLOSED, connection_state_name
 from tdproxy.dataplane.upstream import UpstreamConnection
 from tdproxy.routing.router import Router
@@ -128,12 +129,15 @@ class Rig:
         config_data = _merge(BASE_CONFIG, overrides)
         self.config = parse_config(config_data)
         self.loop = asyncio.new_event_loop()
-        self.router = Router(self.config)
-        self.ctx = RigContext(self.loop, self.router, self.config, None, lambda t, k: None)
+        self.endpoints = Endpoints()
+        self.router = Router(self.config, self.endpoints)
+        self.ctx = RigContext(
+            self.loop, self.router, self.config, None, lambda t, k: None, self.endpoints
+        )
         self.clock = FakeClock()
         self.ctx.clock = self.clock  # type: ignore[assignment]
         self.upstreams: list[tuple[UpstreamConnection, FakeTransport]] = []
-        for pool in self.router.pools.values():
+        for pool in self.endpoints.pools:
             self.add_pooled(pool)
         self.transport = FakeTransport()
         self.client = ClientConnection(self.ctx)

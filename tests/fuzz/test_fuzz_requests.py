@@ -137,7 +137,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             timeouts={"client_header": "500ms", "client_body": "500ms", "response_header": "2s"},
         )
         with (
-            start_tdproxy(config, tmp_path_factory.mktemp("fuzz")) as proxy,
+            start_tdproxy(config, tmp_path_factory.mktemp("fuzz"), wait_admin=True) as proxy,
             ThreadPoolExecutor(max_workers=BATCH) as pool,
         ):
             yield Harness(proxy, backend, pool)

@@ -14,7 +14,7 @@ import tdproxy
 from tdproxy.config import Config, parse_config
 from tdproxy.controlplane.admin import AdminServer, AdminSource, RecentWindow
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
-from tdproxy.routing.router import Router
+from tests.fakes.routing import new_router
 
 CONFIG_PATH = "/etc/tdproxy/tdproxy.yaml"
 TOKEN = "s3cret-token"
@@ -41,7 +41,7 @@ class FakeSource:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.config_path: str | None = CONFIG_PATH
-        self.router = Router(config)
+        self.router = new_router(config)
         self.reload_history = ReloadHistory()
         self.reload_history.record(
             ReloadOutcome(ok=True, time=time.time(), trigger="start", generation=1)
@@ -267,7 +267,7 @@ async def test_status_after_a_reload_drops_removed_backends(
 
 def test_recent_window_keeps_the_last_minute() -> None:
     clock = [1000.0]
-    router = Router(make_config())
+    router = new_router(make_config())
     window = RecentWindow(clock=lambda: clock[0])
     blue = router.states["blue"]
 

@@ -25,6 +25,7 @@ from tdproxy.config import Config, parse_config
 from tdproxy.controlplane.health import INITIAL_MARGIN, HealthChecker
 from tdproxy.routing.router import Router
 from tests.fakes.process import async_wait_until
+from tests.fakes.routing import new_router
 from tests.fakes.tls import make_self_signed, server_context
 
 INTERVAL = "100ms"
@@ -166,7 +167,7 @@ async def test_initial_round_sets_health_from_one_check(
             "refused": f"http://127.0.0.1:{closed_port}",
         }
     )
-    router = Router(config)
+    router = new_router(config)
     checker = make_checker(router)
 
     started = time.monotonic()
@@ -194,7 +195,7 @@ async def test_initial_round_brings_up_a_backend_that_starts_down(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     ok = await server()
-    router = Router(make_config({"ok": ok.url}), initial_health=lambda backend: False)
+    router = new_router(make_config({"ok": ok.url}), initial_health=lambda backend: False)
     await make_checker(router).initial_round()
     assert router.states["ok"].healthy
     assert router.states["ok"].health_reason == "initial check: HTTP 200"
@@ -210,7 +211,7 @@ async def test_goes_down_after_fall_failures_and_up_after_rise_successes(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tdproxy.health")
     a, b = await server(), await server()
-    router = Router(make_config({"a": a.url, "b": b.url}, fall=3, rise=2))
+    router = new_router(make_config({"a": a.url, "b": b.url}, fall=3, rise=2))
     checker = make_checker(router)
     await checker.initial_round()
     checker.start()
@@ -245,7 +246,7 @@ async def test_a_hanging_backend_goes_down_on_timeouts(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a, b = await server(), await server()
-    router = Router(make_config({"a": a.url, "b": b.url}, fall=2))
+    router = new_router(make_config({"a": a.url, "b": b.url}, fall=2))
     checker = make_checker(router)
     checker.start()
     a.hang = True
@@ -259,7 +260,7 @@ async def test_after_a_passive_down_only_rise_fresh_successes_bring_it_back(
     server: ServerFactory, make_checker: Callable[..., HealthChecker], tell_checker: bool
 ) -> None:
     a, b = await server(), await server()
-    router = Router(make_config({"a": a.url, "b": b.url}, rise=3))
+    router = new_router(make_config({"a": a.url, "b": b.url}, rise=3))
     checker = make_checker(router)
     checker.start()
     state = router.states["a"]
@@ -282,7 +283,7 @@ async def test_first_check_is_jittered_within_the_interval(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a = await server()
-    router = Router(make_config({"a": a.url}, interval="10s"))
+    router = new_router(make_config({"a": a.url}, interval="10s"))
     delays: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -304,7 +305,7 @@ async def test_expect_status_ranges_and_redirects_are_not_followed(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a = await server()
-    router = Router(make_config({"a": a.url}, expect_status=["200-299", 418]))
+    router = new_router(make_config({"a": a.url}, expect_status=["200-299", 418]))
     checker = make_checker(router)
     target = router.table.by_name["a"]
     verdicts = {}
@@ -337,7 +338,7 @@ async def test_host_header_follows_the_backend_rule(
         },
         path="/health?from=tdproxy",
     )
-    router = Router(config)
+    router = new_router(config)
     checker = make_checker(router)
     for target in router.table.targets:
         assert await checker.probe(target) == (True, "HTTP 200")
@@ -354,7 +355,7 @@ async def test_tcp_checks_only_connect(
 ) -> None:
     a = await server(status=500)
     config = make_config({"a": a.url, "refused": f"http://127.0.0.1:{closed_port}"}, type="tcp")
-    router = Router(config)
+    router = new_router(config)
     checker = make_checker(router)
     assert await checker.probe(router.table.by_name["a"]) == (True, "connected")
     assert await checker.probe(router.table.by_name["refused"]) == (False, "connect refused")
@@ -373,7 +374,7 @@ async def test_tls_verification_follows_the_backend(
     config = make_config(
         {"lax": {"url": a.url, "tls_verify": False}, "strict": {"url": a.url, "tls_verify": True}}
     )
-    router = Router(config)
+    router = new_router(config)
     checker = make_checker(router)
     assert await checker.probe(router.table.by_name["lax"]) == (True, "HTTP 200")
     healthy, detail = await checker.probe(router.table.by_name["strict"])
@@ -388,7 +389,7 @@ async def test_update_adds_and_removes_backends(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a, b = await server(), await server()
-    router = Router(make_config({"a": a.url}))
+    router = new_router(make_config({"a": a.url}))
     checker = make_checker(router)
     checker.start()
     await wait_for(lambda: router.states["a"].checks["success"] >= 1, "a checked")
@@ -416,7 +417,7 @@ async def test_update_keeps_counts_when_thresholds_change(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a = await server()
-    router = Router(make_config({"a": a.url}, fall=5, rise=5))
+    router = new_router(make_config({"a": a.url}, fall=5, rise=5))
     checker = make_checker(router)
     await checker.initial_round()
     tracker = checker.hysteresis("a")
@@ -434,7 +435,7 @@ async def test_disabling_stops_the_loops_and_marks_everything_up(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a, b = await server(status=500), await server()
-    router = Router(make_config({"a": a.url, "b": b.url}))
+    router = new_router(make_config({"a": a.url, "b": b.url}))
     checker = make_checker(router)
     await checker.initial_round()
     checker.start()
@@ -462,7 +463,7 @@ async def test_stop_is_clean_while_a_check_hangs(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:
     a = await server(hang=True)
-    router = Router(make_config({"a": a.url}, timeout="5s"))
+    router = new_router(make_config({"a": a.url}, timeout="5s"))
     checker = make_checker(router, jitter=lambda: 0.0)
     checker.start()
     await wait_for(lambda: a.in_flight == 1, "a check waiting on the backend")
@@ -476,7 +477,7 @@ async def test_stop_is_clean_while_a_check_hangs(
 
 
 async def test_stop_without_start() -> None:
-    router = Router(make_config({"a": "http://127.0.0.1:9"}))
+    router = new_router(make_config({"a": "http://127.0.0.1:9"}))
     await HealthChecker(router, router.table.config.health_check).stop()
 
 

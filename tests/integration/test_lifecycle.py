@@ -205,7 +205,7 @@ def test_a_refusal_behind_a_valid_request_comes_after_its_response(
     proxy_factory: ProxyFactory, backend_factory: BackendFactory, refused: bytes, status: int
 ) -> None:
     backend = backend_factory("origin")
-    proxy = proxy_factory(lifecycle_config(backend.url))
+    proxy = proxy_factory(lifecycle_config(backend.url), wait_admin=True)
     with RawClient(proxy.host, proxy.port, timeout=READ_TIMEOUT) as raw:
         raw.send(VALID_GET + refused)
         first = read_or_fail(raw, "the valid first request")
@@ -228,7 +228,7 @@ def test_a_client_leaving_after_a_valid_and_a_refused_request_is_not_counted_for
     proxy_factory: ProxyFactory, backend_factory: BackendFactory, refused: bytes, status: int
 ) -> None:
     backend = backend_factory("origin")
-    proxy = proxy_factory(lifecycle_config(backend.url))
+    proxy = proxy_factory(lifecycle_config(backend.url), wait_admin=True)
     with socket.create_connection((proxy.host, proxy.port), timeout=READ_TIMEOUT) as sock:
         sock.sendall(VALID_GET + refused)
     wait_connections_gone(proxy, "a client sent a valid and a refused request and left at once")
@@ -283,7 +283,9 @@ async def test_a_flood_of_refused_pipelines_from_clients_that_leave_denies_no_on
     proxy_factory: ProxyFactory, backend_factory: BackendFactory
 ) -> None:
     backend = backend_factory("origin")
-    proxy = proxy_factory(lifecycle_config(backend.url, limits={"max_connections": 4}))
+    proxy = proxy_factory(
+        lifecycle_config(backend.url, limits={"max_connections": 4}), wait_admin=True
+    )
     loop = asyncio.get_running_loop()
     address = (proxy.host, proxy.port)
     started = loop.time()
@@ -361,7 +363,7 @@ def scripted() -> Iterator[ScriptedBackend]:
 def test_response_header_deadline_applies_again_after_a_1xx(
     proxy_factory: ProxyFactory, scripted: ScriptedBackend
 ) -> None:
-    proxy = proxy_factory(lifecycle_config(scripted.url()))  # response_header: 1s
+    proxy = proxy_factory(lifecycle_config(scripted.url()), wait_admin=True)  # response_header: 1s
     with RawClient(proxy.host, proxy.port, timeout=READ_TIMEOUT) as raw:
         started = time.monotonic()
         raw.send_request("GET", "/early-hints-then-nothing")
@@ -396,7 +398,7 @@ def test_a_slow_streaming_response_is_not_cut_by_the_next_requests_body_deadline
     proxy_factory: ProxyFactory, backend_factory: BackendFactory, posted: str
 ) -> None:
     backend = backend_factory("origin")
-    proxy = proxy_factory(lifecycle_config(backend.url))  # client_body: 1s
+    proxy = proxy_factory(lifecycle_config(backend.url), wait_admin=True)  # client_body: 1s
     # Eight one-byte chunks, 0.3 s apart: about 2.4 s of a healthy stream.
     stream = b"GET /stream?bytes=8&chunk=1&chunked=1&pause_ms=300 HTTP/1.1\r\nHost: a\r\n\r\n"
     with RawClient(proxy.host, proxy.port, timeout=READ_TIMEOUT) as raw:
@@ -429,7 +431,9 @@ def test_a_slow_response_head_does_not_turn_a_complete_pipelined_post_into_408(
     proxy_factory: ProxyFactory, backend_factory: BackendFactory, posted: str
 ) -> None:
     backend = backend_factory("origin")
-    proxy = proxy_factory(lifecycle_config(backend.url, timeouts={"response_header": "5s"}))
+    proxy = proxy_factory(
+        lifecycle_config(backend.url, timeouts={"response_header": "5s"}), wait_admin=True
+    )
     slow = b"GET /slow?ms=2500 HTTP/1.1\r\nHost: a\r\n\r\n"
     with RawClient(proxy.host, proxy.port, timeout=READ_TIMEOUT) as raw:
         if posted == "same-write":
@@ -597,7 +601,7 @@ def test_a_reload_with_a_zero_duration_keeps_the_old_config(
 def test_a_body_sent_after_a_head_response_does_not_break_the_next_request(
     proxy_factory: ProxyFactory, scripted: ScriptedBackend
 ) -> None:
-    proxy = proxy_factory(lifecycle_config(scripted.url()))
+    proxy = proxy_factory(lifecycle_config(scripted.url()), wait_admin=True)
     with RawClient(proxy.host, proxy.port, timeout=READ_TIMEOUT) as raw:
         raw.send_request("HEAD", "/head-with-body")
         head = read_or_fail(raw, "HEAD", head_request=True)

@@ -25,8 +25,8 @@ from tdproxy.observability.metrics import (
     estimate_quantile,
     exposition,
 )
-from tdproxy.routing.router import Router
 from tdproxy.routing.state import DURATION_BUCKETS
+from tests.fakes.routing import new_router
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "tdproxy-dashboard.json"
 NOW = 1_700_000_000.0
@@ -49,7 +49,7 @@ class Source:
     """What the collector reads, over a real Router."""
 
     def __init__(self, config: Config) -> None:
-        self.router = Router(config)
+        self.router = new_router(config)
         self.reload_history = ReloadHistory()
         self.connections = 0
         self.unrouted: dict[int, int] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from itertools import pairwise
 from typing import Any
@@ -9,10 +11,12 @@ from typing import Any
 import pytest
 
 from tdproxy.config import Config, parse_config
+from tdproxy.dataplane.endpoints import endpoint_key
 from tdproxy.dataplane.pool import UpstreamPool
-from tdproxy.routing.router import Router, endpoint_key
+from tdproxy.routing.router import Router
 from tdproxy.routing.state import BackendState
 from tdproxy.routing.table import RoutingTable, Target
+from tests.fakes.routing import new_router
 
 
 def make_config(
@@ -79,18 +83,18 @@ class FakeConnection:
 
 
 def test_round_robin_70_30_in_every_window_of_10() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     assert_every_window(names(router.table, 500), 10, {"blue": 7, "green": 3})
 
 
 def test_round_robin_50_50_alternates() -> None:
-    router = Router(make_config(backends=weighted(("blue", 50), ("green", 50))))
+    router = new_router(make_config(backends=weighted(("blue", 50), ("green", 50))))
     sequence = names(router.table, 100)
     assert all(a != b for a, b in pairwise(sequence))
 
 
 def test_round_robin_keeps_relative_weights_when_one_is_down() -> None:
-    router = Router(make_config(backends=weighted(("a", 50), ("b", 30), ("c", 20))))
+    router = new_router(make_config(backends=weighted(("a", 50), ("b", 30), ("c", 20))))
     assert_every_window(names(router.table, 200), 10, {"a": 5, "b": 3, "c": 2})
     set_health(router, a=False)
     assert_every_window(names(router.table, 200), 5, {"b": 3, "c": 2})
@@ -100,20 +104,20 @@ def test_round_robin_keeps_relative_weights_when_one_is_down() -> None:
 
 
 def test_round_robin_unhealthy_gets_nothing() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     set_health(router, green=False)
     assert set(names(router.table, 50)) == {"blue"}
     assert not router.table.all_down
 
 
 def test_weight_zero_backend_gets_nothing() -> None:
-    router = Router(make_config(backends=weighted(("blue", 1), ("dark", 0))))
+    router = new_router(make_config(backends=weighted(("blue", 1), ("dark", 0))))
     assert set(names(router.table, 50)) == {"blue"}
 
 
 def test_health_change_needs_refresh() -> None:
     # The selector is rebuilt on refresh(), so the hot path never filters dead backends.
-    router = Router(make_config())
+    router = new_router(make_config())
     router.states["green"].set_health(False, "test")
     assert "green" in names(router.table, 10)
     router.refresh()
@@ -125,7 +129,7 @@ def test_health_change_needs_refresh() -> None:
 
 def backup_router(**routing: Any) -> Router:
     spec = weighted(("blue", 70), ("green", 30), ("spare", 5), backup=("spare",))
-    return Router(make_config(backends=spec, **routing))
+    return new_router(make_config(backends=spec, **routing))
 
 
 def test_backup_idle_while_a_non_backup_is_healthy() -> None:
@@ -146,14 +150,14 @@ def test_backup_serves_only_while_no_non_backup_is_healthy() -> None:
 
 def test_several_backups_share_by_weight() -> None:
     spec = weighted(("main", 1), ("b1", 3), ("b2", 1), backup=("b1", "b2"))
-    router = Router(make_config(backends=spec))
+    router = new_router(make_config(backends=spec))
     set_health(router, main=False)
     assert_every_window(names(router.table, 100), 4, {"b1": 3, "b2": 1})
 
 
 def test_zero_weight_backups_share_equally() -> None:
     spec = weighted(("main", 1), ("b1", 0), ("b2", 0), backup=("b1", "b2"))
-    router = Router(make_config(backends=spec))
+    router = new_router(make_config(backends=spec))
     set_health(router, main=False)
     assert_every_window(names(router.table, 100), 2, {"b1": 1, "b2": 1})
 
@@ -178,7 +182,7 @@ def test_all_down_reject_picks_nothing() -> None:
 
 
 def test_reject_recovers_when_a_backend_comes_back() -> None:
-    router = Router(make_config(when_all_down="reject"))
+    router = new_router(make_config(when_all_down="reject"))
     set_health(router, blue=False, green=False)
     assert router.table.pick() is None
     set_health(router, green=True)
@@ -187,7 +191,7 @@ def test_reject_recovers_when_a_backend_comes_back() -> None:
 
 
 def test_initial_health_is_asked_per_backend() -> None:
-    router = Router(make_config(when_all_down="reject"), initial_health=lambda b: False)
+    router = new_router(make_config(when_all_down="reject"), initial_health=lambda b: False)
     assert router.table.all_down
     assert router.table.pick() is None
     assert not router.states["blue"].healthy
@@ -198,7 +202,7 @@ def test_initial_health_is_asked_per_backend() -> None:
 
 def failover_router(**routing: Any) -> Router:
     spec = weighted(("primary", 1), ("secondary", 1), ("spare", 1), backup=("spare",))
-    return Router(make_config("failover", spec, **routing))
+    return new_router(make_config("failover", spec, **routing))
 
 
 def test_failover_sends_everything_to_the_first_healthy_in_order() -> None:
@@ -220,13 +224,13 @@ def test_failover_walks_the_list_then_the_backups_then_returns() -> None:
 
 def test_failover_ignores_weights() -> None:
     spec = weighted(("primary", 0), ("secondary", 100))
-    router = Router(make_config("failover", spec))
+    router = new_router(make_config("failover", spec))
     assert set(names(router.table, 20)) == {"primary"}
 
 
 def test_failover_prefers_a_later_non_backup_over_an_earlier_backup() -> None:
     spec = weighted(("spare", 1), ("primary", 1), backup=("spare",))
-    router = Router(make_config("failover", spec))
+    router = new_router(make_config("failover", spec))
     assert set(names(router.table, 10)) == {"primary"}
 
 
@@ -247,7 +251,7 @@ def test_failover_all_down_reject() -> None:
 
 
 def sticky_router(**routing: Any) -> Router:
-    return Router(make_config("sticky", **routing))
+    return new_router(make_config("sticky", **routing))
 
 
 def test_sticky_new_user_placed_by_weight() -> None:
@@ -303,7 +307,7 @@ def test_sticky_unknown_cookie_is_placed_by_weight(cookie: bytes) -> None:
 
 def test_sticky_backup_pin_released_when_a_primary_returns() -> None:
     spec = weighted(("blue", 1), ("spare", 1), backup=("spare",))
-    router = Router(make_config("sticky", spec))
+    router = new_router(make_config("sticky", spec))
     set_health(router, blue=False)
     spare = cookie_for(router.table.by_name["spare"])
     assert set(names(router.table, 10, cookie=spare)) == {"spare"}
@@ -326,7 +330,7 @@ def test_sticky_all_down_reject_refuses_even_pinned_users() -> None:
 
 
 def test_sticky_cookie_ignored_under_round_robin() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     green = cookie_for(router.table.by_name["green"])
     assert_every_window(names(router.table, 100, cookie=green), 10, {"blue": 7, "green": 3})
 
@@ -335,7 +339,7 @@ def test_sticky_custom_cookie_name_and_secret() -> None:
     router = sticky_router(sticky={"cookie": "pin", "secret": "s3cret"})
     green = cookie_for(router.table.by_name["green"], cookie="pin")
     assert set(names(router.table, 20, cookie=green)) == {"green"}
-    unsigned = Router(make_config("sticky", sticky={"cookie": "pin"}))
+    unsigned = new_router(make_config("sticky", sticky={"cookie": "pin"}))
     forged = cookie_for(unsigned.table.by_name["green"], cookie="pin")
     assert forged != green
     assert_every_window(names(router.table, 100, cookie=forged), 10, {"blue": 7, "green": 3})
@@ -348,11 +352,11 @@ def test_sticky_tokens_agree_between_replicas() -> None:
 
 
 def test_set_cookie_lines() -> None:
-    router = Router(make_config("sticky", sticky={"max_age": "1h"}), secure_cookie=True)
+    router = new_router(make_config("sticky", sticky={"max_age": "1h"}), secure_cookie=True)
     line = router.table.by_name["blue"].set_cookie
     assert line.startswith(b"Set-Cookie: TDSESSION=")
     assert line.endswith(b"; Path=/; HttpOnly; SameSite=Lax; Secure; Max-Age=3600\r\n")
-    plain = Router(make_config("sticky")).table.by_name["blue"].set_cookie
+    plain = new_router(make_config("sticky")).table.by_name["blue"].set_cookie
     assert plain.endswith(b"; Path=/; HttpOnly; SameSite=Lax\r\n")
 
 
@@ -361,7 +365,7 @@ def test_set_cookie_lines() -> None:
 
 def override_router(method: str = "sticky", **routing: Any) -> Router:
     spec = weighted(("blue", 1), ("green", 1), ("dark", 0))
-    return Router(make_config(method, spec, **routing))
+    return new_router(make_config(method, spec, **routing))
 
 
 def test_overrides_off_by_default() -> None:
@@ -411,7 +415,7 @@ def test_override_beats_sticky_beats_weight() -> None:
 
 
 def test_alternative_never_returns_an_excluded_target() -> None:
-    router = Router(make_config(backends=weighted(("a", 5), ("b", 3), ("c", 2))))
+    router = new_router(make_config(backends=weighted(("a", 5), ("b", 3), ("c", 2))))
     table = router.table
     a, b, c = (table.by_name[n] for n in "abc")
     for _ in range(50):
@@ -422,7 +426,7 @@ def test_alternative_never_returns_an_excluded_target() -> None:
 
 
 def test_alternative_returns_none_when_only_one_is_eligible() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     set_health(router, green=False)
     table = router.table
     assert table.alternative([table.by_name["blue"]]) is None
@@ -430,7 +434,7 @@ def test_alternative_returns_none_when_only_one_is_eligible() -> None:
 
 
 def test_alternative_skips_ineligible_targets() -> None:
-    router = Router(make_config(backends=weighted(("a", 1), ("b", 1), ("off", 0))))
+    router = new_router(make_config(backends=weighted(("a", 1), ("b", 1), ("off", 0))))
     table = router.table
     for _ in range(10):
         assert table.alternative([table.by_name["a"]]) is table.by_name["b"]
@@ -438,7 +442,7 @@ def test_alternative_skips_ineligible_targets() -> None:
 
 
 def test_alternative_with_heavily_skewed_weights_still_finds_the_other() -> None:
-    router = Router(make_config(backends=weighted(("heavy", 999), ("light", 1))))
+    router = new_router(make_config(backends=weighted(("heavy", 999), ("light", 1))))
     table = router.table
     for _ in range(20):
         assert table.alternative([table.by_name["heavy"]]) is table.by_name["light"]
@@ -453,7 +457,7 @@ def test_target_host_header_bytes() -> None:
         {"name": "mine", "url": "http://Mine.internal:8081", "host_header": "backend"},
         {"name": "lit", "url": "http://lit.internal", "host_header": "app.example.com"},
     ]
-    table = Router(make_config(backends=spec)).table
+    table = new_router(make_config(backends=spec)).table
     assert table.by_name["keep"].host_header is None
     assert table.by_name["mine"].host_header == b"Mine.internal:8081"
     assert table.by_name["lit"].host_header == b"app.example.com"
@@ -465,21 +469,21 @@ def test_target_tls_settings() -> None:
         {"name": "tls", "url": "https://tls.internal"},
         {"name": "lax", "url": "https://lax.internal:8443", "tls_verify": False},
     ]
-    table = Router(make_config(backends=spec)).table
+    table = new_router(make_config(backends=spec)).table
     plain, tls, lax = (table.by_name[n] for n in ("plain", "tls", "lax"))
-    assert plain.ssl_context is None
-    assert plain.server_hostname is None
-    assert (plain.host, plain.port) == ("plain.internal", 80)
-    assert tls.ssl_context is not None
-    assert tls.ssl_context.check_hostname
-    assert (tls.server_hostname, tls.port) == ("tls.internal", 443)
-    assert lax.ssl_context is not None
-    assert not lax.ssl_context.check_hostname
-    assert lax.port == 8443
+    assert plain.endpoint.ssl_context is None
+    assert plain.endpoint.server_hostname is None
+    assert (plain.endpoint.host, plain.endpoint.port) == ("plain.internal", 80)
+    assert tls.endpoint.ssl_context is not None
+    assert tls.endpoint.ssl_context.check_hostname
+    assert (tls.endpoint.server_hostname, tls.endpoint.port) == ("tls.internal", 443)
+    assert lax.endpoint.ssl_context is not None
+    assert not lax.endpoint.ssl_context.check_hostname
+    assert lax.endpoint.port == 8443
 
 
 def test_targets_keep_list_order() -> None:
-    table = Router(make_config(backends=weighted(("c", 1), ("a", 1), ("b", 1)))).table
+    table = new_router(make_config(backends=weighted(("c", 1), ("a", 1), ("b", 1)))).table
     assert [t.name for t in table.targets] == ["c", "a", "b"]
     assert table.by_name["a"].state is not None
 
@@ -488,7 +492,7 @@ def test_targets_keep_list_order() -> None:
 
 
 def test_apply_carries_state_over_by_name() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     blue, green = router.states["blue"], router.states["green"]
     blue.in_flight = 3
     router.states["green"].set_health(False, "test")
@@ -504,7 +508,7 @@ def test_apply_carries_state_over_by_name() -> None:
 
 
 def test_apply_creates_state_for_new_names_and_drops_removed_ones() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     table = router.apply(make_config(backends=weighted(("blue", 1), ("canary", 1))))
     canary = router.states["canary"]
     assert isinstance(canary, BackendState)
@@ -520,14 +524,14 @@ def test_apply_asks_initial_health_only_for_new_backends() -> None:
         asked.append(backend.name)
         return False
 
-    router = Router(make_config(), initial_health=initial)
+    router = new_router(make_config(), initial_health=initial)
     assert asked == ["blue", "green"]
     router.apply(make_config(backends=weighted(("blue", 1), ("canary", 1))))
     assert asked == ["blue", "green", "canary"]
 
 
 def test_apply_bumps_the_generation_and_old_tables_keep_working() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     old = router.table
     assert old.generation == router.generation == 1
     new = router.apply(make_config(backends=weighted(("blue", 1))))
@@ -539,43 +543,43 @@ def test_apply_bumps_the_generation_and_old_tables_keep_working() -> None:
 
 
 def test_apply_switches_the_ratio() -> None:
-    router = Router(make_config())
+    router = new_router(make_config())
     router.apply(make_config(backends=weighted(("blue", 0), ("green", 1))))
     assert set(names(router.table, 20)) == {"green"}
 
 
-def test_pool_is_shared_between_target_and_router() -> None:
-    router = Router(make_config())
+def test_pool_is_shared_between_target_and_endpoints() -> None:
+    router = new_router(make_config())
     for target in router.table.targets:
-        assert router.pools[endpoint_key(target.backend)] is target.pool
+        assert router.endpoints.by_key[endpoint_key(target.backend)].pool is target.endpoint.pool
 
 
 def test_pool_with_idle_connections_carried_over_when_endpoint_unchanged() -> None:
-    router = Router(make_config())
-    pool = router.table.by_name["blue"].pool
+    router = new_router(make_config())
+    pool = router.table.by_name["blue"].endpoint.pool
     connection = FakeConnection()
     pool.put(connection, 0.0)  # type: ignore[arg-type]
     router.apply(make_config(backends=weighted(("blue", 1), ("green", 9))))
-    assert router.table.by_name["blue"].pool is pool
+    assert router.table.by_name["blue"].endpoint.pool is pool
     assert not pool.closed
     assert not connection.closed
 
 
 def test_empty_pool_carried_over_when_endpoint_unchanged() -> None:
-    router = Router(make_config())
-    pool = router.table.by_name["blue"].pool
+    router = new_router(make_config())
+    pool = router.table.by_name["blue"].endpoint.pool
     assert len(pool) == 0
     router.apply(make_config(backends=weighted(("blue", 1), ("green", 9))))
-    assert router.table.by_name["blue"].pool is pool
+    assert router.table.by_name["blue"].endpoint.pool is pool
 
 
 def test_router_close_reaches_connections_returned_after_a_reload() -> None:
-    router = Router(make_config())
-    old_pool = router.table.by_name["blue"].pool
+    router = new_router(make_config())
+    old_pool = router.table.by_name["blue"].endpoint.pool
     router.apply(make_config(backends=weighted(("blue", 1), ("green", 9))))
     connection = FakeConnection()
     old_pool.put(connection, 0.0)  # type: ignore[arg-type]  # the in-flight one comes back
-    router.close()
+    router.endpoints.close()
     assert connection.closed
 
 
@@ -589,42 +593,42 @@ def test_router_close_reaches_connections_returned_after_a_reload() -> None:
     ],
 )
 def test_pool_replaced_and_closed_when_endpoint_changes(change: dict[str, Any]) -> None:
-    router = Router(make_config(backends=[{"name": "blue", "url": "https://blue.internal"}]))
-    old_pool = router.table.by_name["blue"].pool
+    router = new_router(make_config(backends=[{"name": "blue", "url": "https://blue.internal"}]))
+    old_pool = router.table.by_name["blue"].endpoint.pool
     connection = FakeConnection()
     old_pool.put(connection, 0.0)  # type: ignore[arg-type]
     router.apply(make_config(backends=[{"name": "blue", **change}]))
-    new_pool = router.table.by_name["blue"].pool
+    new_pool = router.table.by_name["blue"].endpoint.pool
     assert new_pool is not old_pool
     assert isinstance(new_pool, UpstreamPool)
     assert old_pool.closed
     assert connection.closed
     assert not new_pool.closed
-    assert list(router.pools.values()) == [new_pool]
+    assert list(router.endpoints.pools) == [new_pool]
 
 
 def test_pool_of_a_removed_backend_is_closed() -> None:
-    router = Router(make_config())
-    green_pool = router.table.by_name["green"].pool
+    router = new_router(make_config())
+    green_pool = router.table.by_name["green"].endpoint.pool
     router.apply(make_config(backends=weighted(("blue", 1))))
     assert green_pool.closed
-    assert green_pool not in router.pools.values()
+    assert green_pool not in router.endpoints.pools
 
 
-def test_router_close_closes_every_pool() -> None:
-    router = Router(make_config())
-    pools = list(router.pools.values())
-    router.close()
+def test_closing_the_endpoints_closes_every_pool() -> None:
+    router = new_router(make_config())
+    pools = list(router.endpoints.pools)
+    router.endpoints.close()
     assert all(pool.closed for pool in pools)
 
 
 def test_expire_idle_retires_old_connections() -> None:
-    router = Router(make_config())
-    pool = router.table.by_name["blue"].pool
+    router = new_router(make_config())
+    pool = router.table.by_name["blue"].endpoint.pool
     old, fresh = FakeConnection(), FakeConnection()
     pool.put(old, 0.0)  # type: ignore[arg-type]
     pool.put(fresh, 100.0)  # type: ignore[arg-type]
-    router.expire_idle(100.0 + pool.max_idle / 2)
+    router.endpoints.expire_idle(100.0 + pool.max_idle / 2)
     assert old.closed
     assert not fresh.closed
 
@@ -638,21 +642,37 @@ def test_upstream_idle_sets_how_long_pooled_connections_may_wait() -> None:
             }
         )
 
-    router = Router(with_upstream_idle("4s"))
-    pool = router.table.by_name["blue"].pool
+    router = new_router(with_upstream_idle("4s"))
+    pool = router.table.by_name["blue"].endpoint.pool
     assert pool.max_idle == 4.0
     waiting = FakeConnection()
     pool.put(waiting, 0.0)  # type: ignore[arg-type]
-    router.expire_idle(3.5)
+    router.endpoints.expire_idle(3.5)
     assert not waiting.closed
-    router.expire_idle(4.5)
+    router.endpoints.expire_idle(4.5)
     assert waiting.closed
     router.apply(with_upstream_idle("9s"))  # a reload changes the pools it keeps too
-    assert router.table.by_name["blue"].pool is pool and pool.max_idle == 9.0
+    assert router.table.by_name["blue"].endpoint.pool is pool and pool.max_idle == 9.0
 
 
 def test_repr_is_informative() -> None:
-    table = Router(make_config()).table
+    table = new_router(make_config()).table
     assert "gen=1" in repr(table)
     assert "round_robin" in repr(table)
     assert "blue" in repr(table.by_name["blue"])
+
+
+def test_routing_imports_no_networking_code() -> None:
+    """Routing keeps names, weights and precomputed bytes; how to reach a backend (pools, TLS
+    contexts, sockets) is the data plane's. (``socket`` itself comes with the config models.)"""
+    code = (
+        "import sys\n"
+        "import tdproxy.routing.router, tdproxy.routing.table, tdproxy.routing.selection\n"
+        "roots = ('ssl', 'asyncio', 'aiohttp', 'httptools', 'uvloop')\n"
+        "print(sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] in roots or m.startswith('tdproxy.dataplane')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

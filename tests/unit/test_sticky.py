@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tdproxy.config import parse_config
-from tdproxy.routing.router import Router
 from tdproxy.routing.sticky import StickyCodec, cookie_value, set_cookie_header
+from tests.fakes.routing import new_router
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +77,7 @@ def test_token_derives_from_the_name_not_the_url() -> None:
         config = parse_config(
             {"routing": {"method": "sticky"}, "backends": [{"name": "blue", "url": url}]}
         )
-        return Router(config).table.by_name["blue"].set_cookie
+        return new_router(config).table.by_name["blue"].set_cookie
 
     assert token_for("http://10.0.0.1") == token_for("https://blue.internal:8443")
 
