@@ -5,7 +5,8 @@ objects. Everything a request needs (host header bytes, Set-Cookie lines, overri
 selector over the currently eligible backends) is precomputed here. Health changes call
 :meth:`RoutingTable.refresh`, which rebuilds the selector, so ``pick()`` never filters dead
 backends. A reload builds a whole new table and the :class:`Router` swaps it in one assignment;
-requests already running keep the table (and targets) they started with.
+requests already running keep the table (and targets) they started with. A retry peeks at the
+rotation instead of picking from it, so it does not take anyone's turn.
 """
 
 from __future__ import annotations
@@ -219,19 +220,18 @@ class RoutingTable:
         return target
 
     def alternative(self, exclude: Iterable[Target]) -> Target | None:
-        """Another target for a retry: never one in ``exclude``, never the same twice."""
+        """Another target for a retry: never one in ``exclude``, never the same twice.
+
+        It is the one the rotation would give next were the tried ones not in it, found without
+        moving the rotation: a backend that keeps failing must not make the next request skip
+        the backend whose turn it is."""
         tried = set(exclude)
-        for _ in range(len(self.targets)):
-            target = self._selector.pick()
-            if target is None:
-                break
-            if target not in tried:
-                return target
+        target = self._selector.peek(tried)
+        if target is not None or self.method != "failover":
+            return target
         # Failover keeps one target eligible; its retries go down the list of healthy ones.
-        fallback = self.eligible()
-        if self.method == "failover":
-            fallback = [t for t in self.targets if t.state.healthy and not t.backup]
-            fallback += [t for t in self.targets if t.state.healthy and t.backup]
+        fallback = [t for t in self.targets if t.state.healthy and not t.backup]
+        fallback += [t for t in self.targets if t.state.healthy and t.backup]
         for target in fallback:
             if target not in tried:
                 return target

@@ -444,6 +444,47 @@ def test_alternative_with_heavily_skewed_weights_still_finds_the_other() -> None
         assert table.alternative([table.by_name["heavy"]]) is table.by_name["light"]
 
 
+def test_a_retry_does_not_move_the_rotation() -> None:
+    # 50/50 and "broken" fails every request it gets: each failure is retried on the other
+    # one, and the next request still starts where the rotation says (10 first tries each).
+    router = Router(make_config(backends=weighted(("broken", 50), ("good", 50))))
+    table = router.table
+    first_tries: list[str] = []
+    for _ in range(20):
+        target = table.pick()
+        assert target is not None
+        first_tries.append(target.name)
+        if target.name == "broken":
+            assert table.alternative([target]) is table.by_name["good"]
+    assert Counter(first_tries) == {"broken": 10, "good": 10}
+    assert all(a != b for a, b in pairwise(first_tries))
+
+
+def test_retries_leave_the_70_30_sequence_as_it_was() -> None:
+    spec = weighted(("a", 70), ("b", 30))
+    undisturbed = names(Router(make_config(backends=spec)).table, 200)
+    table = Router(make_config(backends=spec)).table
+    sequence = []
+    for _ in range(200):
+        target = table.pick()
+        assert target is not None
+        sequence.append(target.name)
+        table.alternative([target])  # every request retried once: the rotation does not see it
+    assert sequence == undisturbed
+
+
+def test_a_retry_goes_to_whoever_is_next_in_the_rotation() -> None:
+    spec = weighted(("a", 2), ("b", 1), ("c", 1))
+    table = Router(make_config(backends=spec)).table
+    sequence = names(Router(make_config(backends=spec)).table, 16)  # two periods
+    for index in range(8):
+        target = table.pick()
+        assert target is not None and target.name == sequence[index]
+        following = next(n for n in sequence[index + 1 :] if n != target.name)
+        alternative = table.alternative([target])
+        assert alternative is not None and alternative.name == following
+
+
 # -- targets ---------------------------------------------------------------------------------
 
 
