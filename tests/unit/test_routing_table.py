@@ -120,6 +120,66 @@ def test_health_change_needs_refresh() -> None:
     assert "green" not in names(router.table, 10)
 
 
+def flip_every(router: Router, name: str, every: int, picks: int) -> list[str | None]:
+    """``picks`` picks, with backend ``name`` flipping health (and a refresh) every ``every``."""
+    sequence: list[str | None] = []
+    for index in range(picks):
+        if index and index % every == 0:
+            state = router.states[name]
+            set_health(router, **{name: not state.healthy})
+        sequence.extend(names(router.table, 1))
+    return sequence
+
+
+def test_a_backup_flipping_does_not_restart_the_99_1_rotation() -> None:
+    spec = weighted(("main", 99), ("canary", 1), ("spare", 1), backup=("spare",))
+    router = Router(make_config(backends=spec))
+    sequence = flip_every(router, "spare", 40, 10_000)
+    assert Counter(sequence) == {"main": 9_900, "canary": 100}
+    assert_every_window(sequence, 100, {"main": 99, "canary": 1})
+
+
+def test_a_backup_flipping_keeps_7_and_3_in_every_window_of_10() -> None:
+    spec = weighted(("blue", 70), ("green", 30), ("spare", 5), backup=("spare",))
+    router = Router(make_config(backends=spec))
+    sequence = flip_every(router, "spare", 7, 1_000)
+    assert_every_window(sequence, 10, {"blue": 7, "green": 3})
+
+
+def test_a_drained_backend_flipping_does_not_restart_the_rotation() -> None:
+    spec = weighted(("blue", 70), ("green", 30), ("drained", 0))
+    router = Router(make_config(backends=spec))
+    sequence = flip_every(router, "drained", 4, 1_000)
+    assert_every_window(sequence, 10, {"blue": 7, "green": 3})
+
+
+def test_a_reload_with_the_same_weights_goes_on_with_the_rotation() -> None:
+    config = make_config()
+    router = Router(config)
+    sequence: list[str | None] = []
+    for index in range(100):
+        # Reloads that change nothing, or only something outside the rotation.
+        if index % 2:
+            router.apply(config)
+        else:
+            router.apply(make_config(when_all_down="reject"))
+        sequence.extend(names(router.table, 9))
+    assert_every_window(sequence, 10, {"blue": 7, "green": 3})
+
+
+def test_a_reload_that_changes_the_weights_starts_the_new_rotation() -> None:
+    router = Router(make_config())
+    names(router.table, 3)
+    router.apply(make_config(backends=weighted(("blue", 50), ("green", 50))))
+    assert names(router.table, 4) == ["blue", "green", "blue", "green"]
+
+
+def test_an_eligible_backend_flipping_still_rebuilds_the_rotation() -> None:
+    router = Router(make_config(backends=weighted(("a", 50), ("b", 30), ("c", 20))))
+    set_health(router, c=False)
+    assert_every_window(names(router.table, 80), 8, {"a": 5, "b": 3})
+
+
 # -- backups ---------------------------------------------------------------------------------
 
 
