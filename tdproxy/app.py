@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 from tdproxy.config.loader import ConfigError, parse_config_text, read_config_text
 from tdproxy.config.model import Config
 from tdproxy.controlplane.admin import AdminServer
-from tdproxy.controlplane.health import HealthChecker
+from tdproxy.controlplane.health import HealthChecker, needs_first_check
 from tdproxy.controlplane.reload import (
     ConfigWatcher,
     content_hash,
@@ -241,14 +241,19 @@ class App:
                 "reload (%s) failed, still serving generation %d: %s", trigger, generation, reason
             )
             return _failed(trigger, generation, [f"{path}: {reason}"])
+        # Backends that no check has vouched for (added, url changed) get one before they
+        # serve, as at start-up: bounded by health_check.timeout plus half a second.
+        unchecked = prepared.unchecked
+        results = await self.health.first_checks(unchecked, prepared.config.health_check)
         # Everything is built; from here on nothing can fail.
+        kept_out = self.health.admit(unchecked, results)
         table = prepared.table
-        table.refresh()  # health may have changed while the table was built in the thread
+        table.refresh()  # health may have changed while the table was built and checked
         self.router.install(table, prepared.commit)
         self._apply_settings(prepared.config)
         self.config = prepared.config
         self._applied_hash = prepared.digest
-        changes, pending = prepared.changes, prepared.pending
+        changes, pending = prepared.changes + kept_out, prepared.pending
         summary = "; ".join(changes) if changes else "no live change"
         if pending:
             summary += "; at the next start: " + "; ".join(pending)
@@ -286,6 +291,7 @@ class App:
             describe_changes(self.config, new),
             # Listeners were bound from the start-up config: compare with that, not the last file.
             restart_only_changes(self.started_config, new),
+            needs_first_check(self.config, new, table),
         )
 
     def _reload_unchanged(self, trigger: str) -> ReloadOutcome:
@@ -322,6 +328,7 @@ class _Prepared(NamedTuple):
     digest: str
     changes: list[str]
     pending: list[str]  # changes that apply only at the next start
+    unchecked: list[Target]  # to be checked once before the table serves
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -7,6 +7,11 @@ offset within the interval so many backends (and replicas) are not checked in lo
 bounded by ``timeout``. A flip sets the :class:`BackendState`, is logged on ``tdproxy.health`` and
 rebuilds the selector (``router.refresh()``).
 
+A reload keeps the start-up promise for what it brings: backends it adds, or whose url changed,
+(every backend when it turns checks on) are checked once before the new table serves
+(:func:`needs_first_check`, :meth:`HealthChecker.first_checks`, :meth:`HealthChecker.admit`),
+bounded like the start-up round; one that fails is down until ``rise`` successes.
+
 Invariants: the :class:`BackendState` is the truth about health. A hysteresis that disagrees with
 it (a passive down by the data plane, or checks disabled) is reset to the state's side with zeroed
 counts before the next result counts, so exactly ``rise`` active successes in a row bring a
@@ -27,10 +32,10 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from yarl import URL
 
-from tdproxy.config.model import HealthCheck
+from tdproxy.config.model import Backend, Config, HealthCheck
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import BackendState
-from tdproxy.routing.table import Target
+from tdproxy.routing.table import RoutingTable, Target
 
 log = logging.getLogger("tdproxy.health")
 
@@ -140,11 +145,34 @@ class HealthChecker:
         if not self._config.enabled:
             return
         targets = list(self._router.table.targets)
-        for target, (ok, detail) in zip(targets, await self._probe_all(targets), strict=True):
+        results = await self._probe_all(targets, self._config)
+        for target, (ok, detail) in zip(targets, results, strict=True):
             self._count(target.state, ok)
             self._tracker(target).reset(ok)
             self._set_health(target.state, ok, f"initial check: {detail}")
         self._router.refresh()
+
+    async def first_checks(self, targets: list[Target], config: HealthCheck) -> list[Result]:
+        """Check ``targets`` of a table not yet serving once, concurrently, with the settings
+        it comes with; bounded like :meth:`initial_round`. Nothing is changed: see :meth:`admit`.
+        """
+        return await self._probe_all(targets, config) if targets else []
+
+    def admit(self, targets: list[Target], results: list[Result]) -> list[str]:
+        """Set the health of a new table's ``targets`` from their :meth:`first_checks` (call it
+        just before that table is installed). Like the start-up round, one failure is enough
+        to keep a backend out, and then ``rise`` successes bring it in. Returns a line for
+        each backend kept out."""
+        kept_out = []
+        for target, (ok, detail) in zip(targets, results, strict=True):
+            self._count(target.state, ok)
+            tracker = self._trackers.get(target.name)
+            if tracker is not None:  # a changed url: what was counted for the old one is void
+                tracker.reset(ok)
+            self._set_health(target.state, ok, f"first check: {detail}")
+            if not ok:
+                kept_out.append(f"backend {target.name} down after its first check ({detail})")
+        return kept_out
 
     def start(self) -> None:
         """Spawn one check loop per backend of the current table (none while disabled)."""
@@ -213,7 +241,10 @@ class HealthChecker:
         while (target := self._router.table.by_name.get(name)) is not None:
             started = self._clock()
             ok, detail = await self.probe(target)
-            self._record(target, ok, detail)
+            current = self._router.table.by_name.get(name)
+            # A reload that changed the url meanwhile made this result about the old one.
+            if current is not None and _endpoint(current.backend) == _endpoint(target.backend):
+                self._record(target, ok, detail)
             # Interval is start to start, so a slow backend is not checked less often.
             await self._sleep(max(0.0, self._config.interval - (self._clock() - started)))
 
@@ -264,37 +295,39 @@ class HealthChecker:
 
     # -- probes --------------------------------------------------------------------------
 
-    async def probe(self, target: Target) -> Result:
-        """Check ``target`` once with the current settings; never raises (but for cancellation)."""
-        timeout = self._config.timeout
+    async def probe(self, target: Target, config: HealthCheck | None = None) -> Result:
+        """Check ``target`` once with ``config`` (default: the current settings); never raises
+        (but for cancellation)."""
+        config = config or self._config
+        timeout = config.timeout
         try:
             async with asyncio.timeout(timeout):
-                if self._config.type == "tcp":
+                if config.type == "tcp":
                     return await self._probe_tcp(target)
-                return await self._probe_http(target)
+                return await self._probe_http(target, config)
         except TimeoutError:
             return False, f"timeout after {timeout:g}s"
         except Exception as exc:  # whatever stops a check is a failed check, never a dead loop
             return False, describe_error(exc)
 
-    async def _probe_all(self, targets: list[Target]) -> list[Result]:
-        tasks = [asyncio.create_task(self.probe(target)) for target in targets]
+    async def _probe_all(self, targets: list[Target], config: HealthCheck) -> list[Result]:
+        tasks = [asyncio.create_task(self.probe(target, config)) for target in targets]
         try:
             if tasks:
-                await asyncio.wait(tasks, timeout=self._config.timeout + INITIAL_MARGIN)
+                await asyncio.wait(tasks, timeout=config.timeout + INITIAL_MARGIN)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        late = (False, f"timeout after {self._config.timeout:g}s")
+        late = (False, f"timeout after {config.timeout:g}s")
         return [late if task.cancelled() else task.result() for task in tasks]
 
-    async def _probe_http(self, target: Target) -> Result:
+    async def _probe_http(self, target: Target, config: HealthCheck) -> Result:
         backend = target.backend
         # ``preserve`` has no client Host to preserve here, so send the url's authority.
         host = target.host_header.decode("ascii") if target.host_header else backend.authority
         # encoded=True sends the configured path exactly as written.
-        url = URL(backend.url.rstrip("/") + self._config.path, encoded=True)
+        url = URL(backend.url.rstrip("/") + config.path, encoded=True)
         async with self._client().get(
             url,
             headers={"Host": host},
@@ -304,7 +337,7 @@ class HealthChecker:
         ) as response:
             await _discard_body(response)
             status = response.status
-        return self._config.accepts(status), f"HTTP {status}"
+        return config.accepts(status), f"HTTP {status}"
 
     @staticmethod
     async def _probe_tcp(target: Target) -> Result:
@@ -324,6 +357,23 @@ class HealthChecker:
                 headers={"User-Agent": USER_AGENT},
             )
         return self._session
+
+
+def needs_first_check(old: Config, new: Config, table: RoutingTable) -> list[Target]:
+    """The targets of ``new``'s ``table`` that no check has vouched for: backends added, and
+    backends whose url or TLS verification changed; every one when ``new`` turns checks on.
+    None while ``new`` has checks off (then a new backend serves at once)."""
+    if not new.health_check.enabled:
+        return []
+    if not old.health_check.enabled:
+        return list(table.targets)
+    before = {backend.name: backend for backend in old.backends}
+    return [t for t in table.targets if _endpoint(before.get(t.name)) != _endpoint(t.backend)]
+
+
+def _endpoint(backend: Backend | None) -> tuple[str, bool] | None:
+    """What a check's result is about: the url, and whether its certificate was verified."""
+    return None if backend is None else (backend.url, backend.tls_verify)
 
 
 async def _discard_body(response: aiohttp.ClientResponse) -> None:

@@ -80,8 +80,10 @@ class Router:
         return table, commit
 
     def install(self, table: RoutingTable, commit: Callable[[], None]) -> None:
-        """Make a prepared table current: one assignment for the hot path."""
+        """Make a prepared table current: one assignment for the hot path. The rotation goes on
+        where the old table left it when the eligible backends and weights are the same."""
         commit()
+        table.continue_rotation(self.table)
         self.table = table
 
     def apply(self, config: Config) -> RoutingTable:

@@ -6,6 +6,11 @@ selector over the currently eligible backends) is precomputed here. Health chang
 :meth:`RoutingTable.refresh`, which rebuilds the selector, so ``pick()`` never filters dead
 backends. A reload builds a whole new table and the :class:`Router` swaps it in one assignment;
 requests already running keep the table (and targets) they started with.
+
+The weighted rotation is one cycle, not restarted by accident: a refresh whose eligible backends
+and weights are the ones already in rotation keeps the selector as it is, and a new table with
+the same rotation goes on from the old one's position (:meth:`RoutingTable.continue_rotation`).
+A retry peeks at the rotation instead of picking from it, so it does not take anyone's turn.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class RoutingTable:
         "_cookie_name",
         "_override_cookie",
         "_overrides",
+        "_rotation",
         "_selector",
         "all_down",
         "by_name",
@@ -114,21 +120,33 @@ class RoutingTable:
         self._overrides = self.override_header is not None or self._override_cookie is not None
         self.all_down = False
         self._selector: WeightedSelector[Target] = WeightedSelector(())
+        self._rotation: tuple[tuple[str, int], ...] | None = None  # what _selector rotates over
         self.refresh()
 
     # -- eligibility ---------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Rebuild the selector from current health (call after any health change)."""
+        """Rebuild the selector from current health (call after any health change). When the
+        eligible backends and their weights are unchanged, the selector and its position in
+        the rotation are kept: a flip elsewhere (a backup, a drained backend) moves nothing."""
         healthy_main = [t for t in self.targets if t.state.healthy and not t.backup]
         healthy_backup = [t for t in self.targets if t.state.healthy and t.backup]
         self.all_down = not healthy_main and not healthy_backup
+        entries = self._entries(healthy_main, healthy_backup)
+        rotation = tuple((target.name, weight) for target, weight in entries)
+        if rotation != self._rotation:
+            self._selector = WeightedSelector(entries)
+            self._rotation = rotation
+
+    def _entries(
+        self, healthy_main: list[Target], healthy_backup: list[Target]
+    ) -> list[tuple[Target, int]]:
+        """The eligible targets with the weights they rotate by."""
         if self.method == "failover":
             chosen = healthy_main[:1] or healthy_backup[:1]
             if not chosen and not self.reject_when_down:
                 chosen = [t for t in self.targets if not t.backup][:1]
-            self._selector = WeightedSelector([(t, 1) for t in chosen])
-            return
+            return [(t, 1) for t in chosen]
         entries = [(t, t.weight) for t in healthy_main if t.weight > 0]
         if not entries and healthy_main:
             # Only drained (weight 0) backends are healthy: they serve rather than nobody.
@@ -139,7 +157,14 @@ class RoutingTable:
             # Every weighted backend is marked down: try them anyway (the checks may be wrong).
             entries = [(t, t.weight) for t in self.targets if not t.backup and t.weight > 0]
             entries = entries or _weighted_or_equal([t for t in self.targets if not t.backup])
-        self._selector = WeightedSelector(entries)
+        return entries
+
+    def continue_rotation(self, previous: RoutingTable) -> None:
+        """Take over ``previous``'s place in the rotation when both rotate over the same
+        backends (by name) with the same weights; a reload that changes neither does not start
+        the cycle again. Call it just before this table replaces ``previous``."""
+        if self._rotation == previous._rotation:
+            self._selector.resume(previous._selector)
 
     def eligible(self) -> list[Target]:
         return self._selector.items
@@ -202,19 +227,18 @@ class RoutingTable:
         return target
 
     def alternative(self, exclude: Iterable[Target]) -> Target | None:
-        """Another target for a retry: never one in ``exclude``, never the same twice."""
+        """Another target for a retry: never one in ``exclude``, never the same twice.
+
+        It is the one the rotation would give next were the tried ones not in it, found without
+        moving the rotation: a backend that keeps failing must not make the next request skip
+        the backend whose turn it is."""
         tried = set(exclude)
-        for _ in range(len(self.targets)):
-            target = self._selector.pick()
-            if target is None:
-                break
-            if target not in tried:
-                return target
+        target = self._selector.peek(tried)
+        if target is not None or self.method != "failover":
+            return target
         # Failover keeps one target eligible; its retries go down the list of healthy ones.
-        fallback = self.eligible()
-        if self.method == "failover":
-            fallback = [t for t in self.targets if t.state.healthy and not t.backup]
-            fallback += [t for t in self.targets if t.state.healthy and t.backup]
+        fallback = [t for t in self.targets if t.state.healthy and not t.backup]
+        fallback += [t for t in self.targets if t.state.healthy and t.backup]
         for target in fallback:
             if target not in tried:
                 return target

@@ -413,6 +413,46 @@ async def test_update_adds_and_removes_backends(
     assert a.hits == a_hits
 
 
+async def test_first_checks_then_admit_keep_a_failing_new_backend_out(
+    server: ServerFactory, make_checker: Callable[..., HealthChecker]
+) -> None:
+    a, b, c = await server(), await server(status=503), await server()
+    router = new_router(make_config({"a": a.url}, rise=2))
+    checker = make_checker(router)
+    await checker.initial_round()
+    checker.start()
+    config = make_config({"a": a.url, "b": b.url, "c": c.url}, rise=2)
+    table, commit = router.prepare(config)
+    new = [table.by_name["b"], table.by_name["c"]]
+    results = await checker.first_checks(new, config.health_check)
+    assert results == [(False, "HTTP 503"), (True, "HTTP 200")]
+    assert checker.admit(new, results) == ["backend b down after its first check (HTTP 503)"]
+    table.refresh()  # as a reload does: health set, then the selector, then the swap
+    router.install(table, commit)
+    checker.update(config.health_check)
+    assert eligible(router) == ["a", "c"]
+    assert router.states["b"].health_reason == "first check: HTTP 503"
+    assert router.states["b"].checks == {"success": 0, "failure": 1}
+    b.status = 200  # rise (2) successes in a row bring it in, as for any backend marked down
+    await wait_for(lambda: router.states["b"].healthy, "b up")
+    assert router.states["b"].checks["success"] == 2
+    assert sorted(eligible(router)) == ["a", "b", "c"]
+
+
+async def test_first_checks_are_bounded_by_the_timeout(
+    server: ServerFactory, make_checker: Callable[..., HealthChecker]
+) -> None:
+    a, hanging = await server(), await server(hang=True)
+    router = new_router(make_config({"a": a.url}))
+    checker = make_checker(router)
+    config = make_config({"a": a.url, "new": hanging.url})
+    table, _ = router.prepare(config)
+    started = time.monotonic()
+    results = await checker.first_checks([table.by_name["new"]], config.health_check)
+    assert time.monotonic() - started < TIMEOUT + INITIAL_MARGIN + 0.5
+    assert results == [(False, f"timeout after {TIMEOUT:g}s")]
+
+
 async def test_update_keeps_counts_when_thresholds_change(
     server: ServerFactory, make_checker: Callable[..., HealthChecker]
 ) -> None:

@@ -691,6 +691,81 @@ def test_backends_added_and_removed_live(
     assert "backend green removed" in removed and "blue 50% / red 50%" in removed, removed
 
 
+CHECKED = {
+    "enabled": True,
+    "path": "/health",
+    "interval": "300ms",
+    "timeout": "200ms",
+    "fall": 2,
+    "rise": 2,
+}
+
+
+def test_a_backend_added_by_a_reload_serves_only_after_a_check(
+    backend_factory: BackendFactory, proxy_factory: ProxyFactory
+) -> None:
+    """issue 11: the start-up promise (one round of checks before traffic) holds for a backend
+    a reload adds. One whose /health answers 503 got 3 of the first 6 requests before ``fall``
+    checks took it out; now none, and once its /health answers 200 again it comes in after
+    ``rise`` successes, like any backend marked down."""
+    own = {"blue": backend_factory("blue"), "broken": backend_factory("broken")}
+    own["broken"].set_health(503)
+    config = config_for(own, blue=1)
+    config["health_check"] = CHECKED
+    proxy = proxy_factory(config, wait_admin=True)
+    assert hits(proxy, 4) == ["blue"] * 4
+
+    proxy.write_config(reweighted(config, own, blue=1, broken=1))
+    doc = wait_generation(proxy, 2)
+    assert hits(proxy, 6) == ["blue"] * 6
+    assert own["broken"].stats()["requests_by_path"].get("/", 0) == 0
+    broken = doc["backends"][1]
+    assert broken["healthy"] is False
+    assert broken["health_reason"] == "first check: HTTP 503"
+    assert doc["last_reload"]["changes"][-1] == (
+        "backend broken down after its first check (HTTP 503)"
+    )
+    assert hits(proxy, 20) == ["blue"] * 20
+
+    own["broken"].set_health(200)
+    up = proxy.wait_for_output("backend broken: down -> up", stream="stderr")
+    assert "(2 consecutive successes: HTTP 200)" in up, up
+    assert Counter(hits(proxy, 6)) == {"blue": 3, "broken": 3}
+
+
+def test_a_healthy_backend_added_by_a_reload_serves_at_once(
+    backend_factory: BackendFactory, proxy_factory: ProxyFactory
+) -> None:
+    own = {"blue": backend_factory("blue"), "green": backend_factory("green")}
+    config = config_for(own, blue=1)
+    config["health_check"] = {**CHECKED, "interval": "60s"}  # no loop check comes in time
+    proxy = proxy_factory(config, wait_admin=True)
+    proxy.write_config(reweighted(config, own, blue=1, green=1))
+    doc = wait_generation(proxy, 2)
+    assert doc["backends"][1]["health_reason"] == "initial"  # passed: nothing changed
+    assert Counter(hits(proxy, 6)) == {"blue": 3, "green": 3}
+    assert sample(metrics(proxy), "tdproxy_health_checks_total", backend="green", result="success")
+
+
+def test_a_backend_whose_url_changes_is_checked_before_it_serves_there(
+    backend_factory: BackendFactory, proxy_factory: ProxyFactory
+) -> None:
+    own = {"blue": backend_factory("blue"), "green": backend_factory("green")}
+    elsewhere = backend_factory("elsewhere")
+    elsewhere.set_health(503)
+    config = config_for(own, blue=1, green=1)
+    config["health_check"] = {**CHECKED, "interval": "60s"}
+    proxy = proxy_factory(config, wait_admin=True)
+    moved = copy.deepcopy(config)
+    moved["backends"][1]["url"] = elsewhere.url
+    proxy.write_config(moved)
+    doc = wait_generation(proxy, 2)
+    assert doc["backends"][1]["healthy"] is False
+    assert doc["backends"][1]["health_reason"] == "first check: HTTP 503"
+    assert hits(proxy, 6) == ["blue"] * 6
+    assert elsewhere.stats()["requests_by_path"].get("/", 0) == 0
+
+
 def test_listener_changes_wait_for_the_next_start(
     backends: dict[str, BackendProcess], proxy_factory: ProxyFactory
 ) -> None:

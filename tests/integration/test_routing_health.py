@@ -13,6 +13,7 @@ that are killed outright. Which backend answered comes from the ``X-Backend`` he
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.fakes import client
+from tests.fakes.client import RawClient
 from tests.fakes.process import (
     BackendFactory,
     BackendProcess,
@@ -238,3 +240,42 @@ def test_passive_failure_marks_down_at_once_and_only_active_checks_bring_it_back
     up = log_line(proxy, flip)
     assert f"{RISE} consecutive successes" in up, up
     assert backends_served(proxy) == {"blue": 10, "green": 10}
+
+
+# ---------------------------------------------------------------------------------------------
+# Health changes outside the rotation do not restart it
+
+
+def test_a_backup_flipping_health_leaves_the_99_1_rotation_alone(
+    backend_factory: BackendFactory, proxy_factory: ProxyFactory
+) -> None:
+    """issue 11: each health change rebuilt the smooth weighted cycle at its start, and the
+    1-weight backend's turn comes halfway through a 100-request cycle: with a backup flipping
+    every 40 requests it got 0 of 1,000. The rotation now goes on: exactly 10 of 1,000."""
+    main, canary, spare = (backend_factory(name) for name in ("main", "canary", "spare"))
+    backends = [
+        {"name": "main", "url": main.url, "weight": 99},
+        {"name": "canary", "url": canary.url, "weight": 1},
+        {"name": "spare", "url": spare.url, "weight": 1, "backup": True},
+    ]
+    health = {**HEALTH, "interval": "100ms", "fall": 1, "rise": 1}
+    proxy = proxy_factory(proxy_config(backends, health_check=health), wait_admin=True)
+
+    def flipped(change: str, times: int) -> bool:
+        return proxy.stderr_text().count(f"backend spare: {change}") >= times
+
+    seen: Counter[str] = Counter()
+    with RawClient(proxy.host, proxy.port) as raw:
+        for flip in range(25):
+            for _ in range(40):
+                response = raw.request("GET", "/")
+                assert response.status == 200, (response.status, response.body)
+                seen[response.header("X-Backend") or "?"] += 1
+            healthy = flip % 2 == 1  # down first, then up again, and so on
+            spare.set_health(200 if healthy else 500)
+            change = "down -> up" if healthy else "up -> down"
+            times = flip // 2 + 1
+            wait_until(
+                functools.partial(flipped, change, times), message=f"spare: {change} x{times}"
+            )
+    assert seen == {"main": 990, "canary": 10}

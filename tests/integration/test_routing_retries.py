@@ -14,7 +14,9 @@ test says otherwise, so a broken backend stays in the rotation and keeps being t
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +35,7 @@ from tests.fakes.process import (
     start_backend,
     wait_until,
 )
+from tests.fakes.scripted import RESET, ScriptedBackend
 
 IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 NEVER_REPLAYED = ("POST", "PATCH")
@@ -171,6 +174,41 @@ def test_backend_closing_each_connection_at_once_never_hangs_a_request(
         assert response.status == 200, (response.status, response.text)
         assert response.header("X-Backend") == "good"
     assert metric(proxy, "tdproxy_retries_total", backend="bad") >= 100
+
+
+def test_a_retry_does_not_take_the_next_backends_turn(
+    backend_factory: BackendFactory, proxy_factory: ProxyFactory
+) -> None:
+    """issue 11: at 50/50 with one backend resetting every connection, every request that went
+    there first is retried on the other, and the rotation still alternates the first tries:
+    10 and 10 of 20 (a retry that advanced the rotation sent 20 of 20 to the broken one first,
+    which a POST could not have survived)."""
+    good = backend_factory("good")
+    broken = ScriptedBackend({"/": [RESET]})  # reads each request head, then RST
+    try:
+        proxy = proxy_factory(round_robin([("broken", broken.url()), ("good", good.url)]))
+        for _ in range(20):  # sequential, each on a new client connection
+            response = client.request(proxy.url + "/")
+            assert response.status == 200, (response.status, response.text)
+            assert response.header("X-Backend") == "good"
+        log = wait_until(
+            lambda: len(lines := access_log(proxy)) >= 20 and lines,
+            message="20 access-log lines",
+        )
+        # Every answer came from "good"; two attempts means "broken" was tried first.
+        assert Counter((entry["backend"], entry["attempts"]) for entry in log) == {
+            ("good", 2): 10,
+            ("good", 1): 10,
+        }
+        assert len(broken.connections) == 10
+        assert metric(proxy, "tdproxy_retries_total", backend="broken") == 10
+        assert good.stats()["requests_total"] == 20
+    finally:
+        broken.close()
+
+
+def access_log(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proxy.stdout_text().splitlines() if line.startswith("{")]
 
 
 @pytest.mark.parametrize("method", [*IDEMPOTENT, *NEVER_REPLAYED])

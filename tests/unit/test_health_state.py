@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from tdproxy.controlplane.health import HealthHysteresis
+from tdproxy.config import Config, parse_config
+from tdproxy.controlplane.health import HealthHysteresis, needs_first_check
+from tests.fakes.routing import new_router
 
 
 def feed(tracker: HealthHysteresis, results: str) -> list[bool | None]:
@@ -106,3 +110,40 @@ def test_uses_slots() -> None:
     tracker = HealthHysteresis(fall=1, rise=1)
     with pytest.raises(AttributeError):
         tracker.extra = 1  # type: ignore[attr-defined]
+
+
+# -- what a reload must check before it serves ------------------------------------------------
+
+
+def _config(backends: dict[str, str], enabled: bool = True, **extra: Any) -> Config:
+    entries = [{"name": name, "url": url, **extra.get(name, {})} for name, url in backends.items()]
+    return parse_config({"backends": entries, "health_check": {"enabled": enabled}})
+
+
+def _unchecked(old: Config, new: Config) -> list[str]:
+    return [target.name for target in needs_first_check(old, new, new_router(new).table)]
+
+
+def test_a_reload_checks_added_backends_and_changed_urls_only() -> None:
+    old = _config({"a": "http://a.internal", "b": "http://b.internal"})
+    assert _unchecked(old, old) == []
+    new = _config({"a": "http://a.internal", "b": "http://b2.internal", "c": "http://c.internal"})
+    assert _unchecked(old, new) == ["b", "c"]
+    verify_off = _config(
+        {"a": "https://a.internal", "b": "http://b.internal"}, a={"tls_verify": False}
+    )
+    assert _unchecked(
+        _config({"a": "https://a.internal", "b": "http://b.internal"}), verify_off
+    ) == ["a"]
+
+
+def test_a_reload_turning_checks_on_checks_every_backend() -> None:
+    off = _config({"a": "http://a.internal", "b": "http://b.internal"}, enabled=False)
+    on = _config({"a": "http://a.internal", "b": "http://b.internal"})
+    assert _unchecked(off, on) == ["a", "b"]
+
+
+def test_without_checks_nothing_waits_for_one() -> None:
+    old = _config({"a": "http://a.internal"}, enabled=False)
+    new = _config({"a": "http://a.internal", "c": "http://c.internal"}, enabled=False)
+    assert _unchecked(old, new) == []

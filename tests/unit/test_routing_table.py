@@ -124,6 +124,66 @@ def test_health_change_needs_refresh() -> None:
     assert "green" not in names(router.table, 10)
 
 
+def flip_every(router: Router, name: str, every: int, picks: int) -> list[str | None]:
+    """``picks`` picks, with backend ``name`` flipping health (and a refresh) every ``every``."""
+    sequence: list[str | None] = []
+    for index in range(picks):
+        if index and index % every == 0:
+            state = router.states[name]
+            set_health(router, **{name: not state.healthy})
+        sequence.extend(names(router.table, 1))
+    return sequence
+
+
+def test_a_backup_flipping_does_not_restart_the_99_1_rotation() -> None:
+    spec = weighted(("main", 99), ("canary", 1), ("spare", 1), backup=("spare",))
+    router = new_router(make_config(backends=spec))
+    sequence = flip_every(router, "spare", 40, 10_000)
+    assert Counter(sequence) == {"main": 9_900, "canary": 100}
+    assert_every_window(sequence, 100, {"main": 99, "canary": 1})
+
+
+def test_a_backup_flipping_keeps_7_and_3_in_every_window_of_10() -> None:
+    spec = weighted(("blue", 70), ("green", 30), ("spare", 5), backup=("spare",))
+    router = new_router(make_config(backends=spec))
+    sequence = flip_every(router, "spare", 7, 1_000)
+    assert_every_window(sequence, 10, {"blue": 7, "green": 3})
+
+
+def test_a_drained_backend_flipping_does_not_restart_the_rotation() -> None:
+    spec = weighted(("blue", 70), ("green", 30), ("drained", 0))
+    router = new_router(make_config(backends=spec))
+    sequence = flip_every(router, "drained", 4, 1_000)
+    assert_every_window(sequence, 10, {"blue": 7, "green": 3})
+
+
+def test_a_reload_with_the_same_weights_goes_on_with_the_rotation() -> None:
+    config = make_config()
+    router = new_router(config)
+    sequence: list[str | None] = []
+    for index in range(100):
+        # Reloads that change nothing, or only something outside the rotation.
+        if index % 2:
+            router.apply(config)
+        else:
+            router.apply(make_config(when_all_down="reject"))
+        sequence.extend(names(router.table, 9))
+    assert_every_window(sequence, 10, {"blue": 7, "green": 3})
+
+
+def test_a_reload_that_changes_the_weights_starts_the_new_rotation() -> None:
+    router = new_router(make_config())
+    names(router.table, 3)
+    router.apply(make_config(backends=weighted(("blue", 50), ("green", 50))))
+    assert names(router.table, 4) == ["blue", "green", "blue", "green"]
+
+
+def test_an_eligible_backend_flipping_still_rebuilds_the_rotation() -> None:
+    router = new_router(make_config(backends=weighted(("a", 50), ("b", 30), ("c", 20))))
+    set_health(router, c=False)
+    assert_every_window(names(router.table, 80), 8, {"a": 5, "b": 3})
+
+
 # -- backups ---------------------------------------------------------------------------------
 
 
@@ -446,6 +506,47 @@ def test_alternative_with_heavily_skewed_weights_still_finds_the_other() -> None
     table = router.table
     for _ in range(20):
         assert table.alternative([table.by_name["heavy"]]) is table.by_name["light"]
+
+
+def test_a_retry_does_not_move_the_rotation() -> None:
+    # 50/50 and "broken" fails every request it gets: each failure is retried on the other
+    # one, and the next request still starts where the rotation says (10 first tries each).
+    router = new_router(make_config(backends=weighted(("broken", 50), ("good", 50))))
+    table = router.table
+    first_tries: list[str] = []
+    for _ in range(20):
+        target = table.pick()
+        assert target is not None
+        first_tries.append(target.name)
+        if target.name == "broken":
+            assert table.alternative([target]) is table.by_name["good"]
+    assert Counter(first_tries) == {"broken": 10, "good": 10}
+    assert all(a != b for a, b in pairwise(first_tries))
+
+
+def test_retries_leave_the_70_30_sequence_as_it_was() -> None:
+    spec = weighted(("a", 70), ("b", 30))
+    undisturbed = names(new_router(make_config(backends=spec)).table, 200)
+    table = new_router(make_config(backends=spec)).table
+    sequence = []
+    for _ in range(200):
+        target = table.pick()
+        assert target is not None
+        sequence.append(target.name)
+        table.alternative([target])  # every request retried once: the rotation does not see it
+    assert sequence == undisturbed
+
+
+def test_a_retry_goes_to_whoever_is_next_in_the_rotation() -> None:
+    spec = weighted(("a", 2), ("b", 1), ("c", 1))
+    table = new_router(make_config(backends=spec)).table
+    sequence = names(new_router(make_config(backends=spec)).table, 16)  # two periods
+    for index in range(8):
+        target = table.pick()
+        assert target is not None and target.name == sequence[index]
+        following = next(n for n in sequence[index + 1 :] if n != target.name)
+        alternative = table.alternative([target])
+        assert alternative is not None and alternative.name == following
 
 
 # -- targets ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from itertools import pairwise
 from math import gcd
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -13,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tdproxy.routing import selection
-from tdproxy.routing.selection import MAX_PRECOMPUTED_PERIOD, WeightedSelector, smooth_wrr_sequence
+from tdproxy.routing.selection import (
+    BUILD_BUDGET,
+    MAX_PRECOMPUTED_PERIOD,
+    WeightedSelector,
+    smooth_wrr_sequence,
+)
 
 
 def picks(selector: WeightedSelector[str], count: int) -> list[str | None]:
@@ -31,6 +37,12 @@ def period_of(weights: Sequence[int]) -> int:
 def dynamic_selector(entries: Sequence[tuple[str, int]]) -> WeightedSelector[str]:
     """A selector forced onto the per-pick algorithm (no precomputed cycle)."""
     with mock.patch.object(selection, "MAX_PRECOMPUTED_PERIOD", 0):
+        return WeightedSelector(entries)
+
+
+def lazy_selector(entries: Sequence[tuple[str, int]]) -> WeightedSelector[str]:
+    """A selector whose build computes one step: the rest of its cycle comes pick by pick."""
+    with mock.patch.object(selection, "BUILD_BUDGET", 0):
         return WeightedSelector(entries)
 
 
@@ -191,6 +203,104 @@ def test_boundary_period_is_precomputed_and_exact() -> None:
     assert Counter(sequence) == {"a": 2 * weights[0], "b": 2}
 
 
+# -- building is bounded ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [[1] * 1000, [(i % 7) + 1 for i in range(1000)]])
+def test_building_a_selector_computes_a_bounded_number_of_steps(weights: list[int]) -> None:
+    # 1,000 backends: the whole cycle would be 1,000 (or ~4,000) picks x 1,000 score updates.
+    steps = 0
+    step = WeightedSelector._step
+
+    def counted(self: WeightedSelector[str]) -> int:
+        nonlocal steps
+        steps += 1
+        return step(self)
+
+    names = [f"b{i}" for i in range(len(weights))]
+    with mock.patch.object(WeightedSelector, "_step", counted):
+        selector = WeightedSelector(list(zip(names, weights, strict=True)))
+    assert steps * len(weights) <= BUILD_BUDGET
+    # The rest of the cycle comes pick by pick, and is the reference sequence.
+    period = period_of(weights)
+    expected = [names[i] for i in smooth_wrr_sequence(weights, period)]
+    assert picks(selector, period) == expected
+    assert picks(selector, period) == expected
+
+
+# -- peek: a retry's choice, without moving the rotation --------------------------------------
+
+
+@pytest.mark.parametrize("make", [WeightedSelector, dynamic_selector, lazy_selector])
+def test_peek_does_not_move_the_rotation(make: Any) -> None:
+    entries = [("a", 5), ("b", 3), ("c", 2)]
+    undisturbed = picks(make(entries), 100)
+    selector = make(entries)
+    sequence = []
+    for _ in range(100):
+        sequence.append(selector.pick())
+        selector.peek({"a"})
+        selector.peek({"a", "b"})
+        selector.peek(set())
+    assert sequence == undisturbed
+
+
+@pytest.mark.parametrize("make", [WeightedSelector, lazy_selector])
+def test_peek_names_the_next_one_not_excluded(make: Any) -> None:
+    entries = [("a", 5), ("b", 3), ("c", 2)]
+    reference = picks(WeightedSelector(entries), 20)
+    selector = make(entries)
+    for index in range(10):
+        assert selector.peek(set()) == reference[index]
+        picked = selector.pick()
+        assert picked == reference[index]
+        following = next(p for p in reference[index + 1 :] if p != picked)
+        assert selector.peek({picked}) == following
+
+
+@pytest.mark.parametrize("make", [WeightedSelector, dynamic_selector, lazy_selector])
+def test_peek_never_returns_an_excluded_item(make: Any) -> None:
+    selector = make([("heavy", 999), ("light", 1), ("other", 1)])
+    for _ in range(50):
+        selector.pick()
+        assert selector.peek({"heavy"}) in ("light", "other")
+        assert selector.peek({"heavy", "light"}) == "other"
+        assert selector.peek({"heavy", "light", "other"}) is None
+
+
+def test_peek_on_an_empty_selector() -> None:
+    assert WeightedSelector([]).peek(set()) is None
+
+
+# -- resume: a rebuilt selector goes on with the rotation -------------------------------------
+
+
+@pytest.mark.parametrize("make", [WeightedSelector, dynamic_selector, lazy_selector])
+@pytest.mark.parametrize("weights", [(7, 3), (99, 1), (5, 3, 2), (4999, 5001)])
+def test_resume_goes_on_where_the_previous_selector_stopped(
+    make: Any, weights: tuple[int, ...]
+) -> None:
+    names = [f"b{i}" for i in range(len(weights))]
+    entries = list(zip(names, weights, strict=True))
+    reference = [names[i] for i in smooth_wrr_sequence(weights, 300)]
+    selector = make(entries)
+    sequence: list[str | None] = []
+    for chunk in (13, 40, 1, 99, 147):
+        sequence += picks(selector, chunk)
+        rebuilt = make(entries)
+        rebuilt.resume(selector)
+        selector = rebuilt
+    assert sequence == reference
+
+
+def test_resume_ignores_a_selector_with_other_weights() -> None:
+    old = WeightedSelector([("a", 7), ("b", 3)])
+    picks(old, 5)
+    new = WeightedSelector([("a", 1), ("b", 1)])
+    new.resume(old)
+    assert picks(new, 4) == ["a", "b", "a", "b"]
+
+
 # -- smooth_wrr_sequence ---------------------------------------------------------------------
 
 
@@ -216,9 +326,11 @@ def test_precomputed_and_dynamic_pick_the_same_sequence(weights: list[int], extr
     count = 2 * period_of(weights) + extra
     precomputed = picks(WeightedSelector(entries), count)
     dynamic = picks(dynamic_selector(entries), count)
+    lazy = picks(lazy_selector(entries), count)
     reference = [names[i] for i in smooth_wrr_sequence(weights, count)]
     assert precomputed == reference
     assert dynamic == reference
+    assert lazy == reference
 
 
 @settings(max_examples=300, deadline=None)
