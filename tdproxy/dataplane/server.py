@@ -89,8 +89,13 @@ class Entrypoint:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for task in list(ctx.tasks):
+        # Connects still under way (a backend that does not answer its SYN): cancelled, and
+        # awaited, so that none outlives the loop.
+        tasks = list(ctx.tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         ctx.endpoints.close()
         if ctx.access_log is not None:
             ctx.access_log.flush()

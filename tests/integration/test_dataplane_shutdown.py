@@ -7,11 +7,12 @@ Each test starts its own proxy, since each one ends it.
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable
 
 import pytest
 
-from tests.fakes.client import RawClient
+from tests.fakes.client import RawClient, metric
 from tests.fakes.process import (
     BackendProcess,
     ProxyFactory,
@@ -103,3 +104,34 @@ def test_the_grace_period_bounds_the_drain(start_proxy: StartProxy, blue: Backen
         assert proxy.wait(timeout=8) == 0
         data, _ = raw.read_until_closed(timeout=2)
         assert not data.startswith(b"HTTP/1.1 200")
+
+
+def test_sigterm_during_a_connect_that_never_completes_exits_cleanly(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A backend whose listen queue is full never answers the SYN: the connect task is still
+    waiting when the drain ends. The entrypoint cancels and awaits it, so the process exits 0
+    at the end of the grace, with no task left pending and nothing logged about it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # fills the queue: nothing accepts
+            config = proxy_config(
+                [("stuck", f"http://127.0.0.1:{port}", 1)],
+                timeouts={"connect": "30s", "shutdown_grace": "1s"},
+            )
+            proxy = proxy_factory(config)
+            with RawClient(proxy.host, proxy.port, timeout=10) as client:
+                client.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                wait_until(
+                    lambda: metric(proxy.admin_url, "tdproxy_backend_in_flight") == 1,
+                    timeout=5,
+                    message="the request waiting for its connect",
+                    ignore=(OSError,),
+                )
+                proxy.terminate()
+                assert proxy.wait(timeout=10) == 0
+    stderr = proxy.stderr_text()
+    assert "Task was destroyed" not in stderr, stderr
+    assert "Traceback" not in stderr, stderr
