@@ -187,6 +187,8 @@ class ClientConnection(ResponseRelay):
                 return
             if self.state > BUSY:
                 return
+        if self.input_ended and self._end_of_input() is None:
+            self.close()  # the client's EOF came while these bytes waited: nothing is owed
 
     def _parse(self, data: bytes) -> None:
         self._read_size = len(data)
@@ -236,6 +238,13 @@ class ClientConnection(ResponseRelay):
     def eof_received(self) -> bool | None:
         # The client finished sending. Let the answers owed complete (half-close).
         self.input_ended = True
+        if self._unparsed:
+            return True  # requests it sent before its EOF are still to be read (see _next)
+        return self._end_of_input()
+
+    def _end_of_input(self) -> bool | None:
+        """Everything the client sent has been read: answer what is owed, then close. Returns
+        what ``eof_received`` returns (None: close now)."""
         state = self.state
         parsing = self._parsing
         if state == BODY and parsing is not None:

@@ -599,6 +599,21 @@ def test_the_pipeline_queue_is_capped_within_one_large_read(rig: Rig) -> None:
     assert statuses(bytes(rig.transport.written)) == [200] * 2001
 
 
+def test_requests_read_before_an_eof_are_all_answered_when_the_queue_was_full(rig: Rig) -> None:
+    rig.send(GET % 0)
+    rig.send(b"".join(GET % i for i in range(1, 201)))  # more than the queue holds
+    assert rig.client._unparsed
+    assert rig.client.eof_received() is True  # the kept requests still count
+    for _ in range(100):
+        answer_all(rig, limit=300)
+        rig.loop.run_until_complete(_yield())
+        if rig.transport.ended:
+            break
+    assert statuses(bytes(rig.transport.written)) == [200] * 201
+    assert rig.transport.closed
+    settle(rig)
+
+
 async def _yield() -> None:
     pass
 
