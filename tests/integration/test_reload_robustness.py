@@ -33,26 +33,9 @@ from tests.fakes.process import (
     run_tdproxy,
     wait_until,
 )
+from tests.integration.test_reload import wait_reloads
 
-WATCH_DEADLINE = 10.0
 DEEP = "[" * 5000
-
-
-def status(proxy: ProxyProcess) -> dict[str, Any]:
-    response = client.request(proxy.admin_url + "/api/v1/status")
-    assert response.status == 200, response.text
-    document: dict[str, Any] = response.json()
-    return document
-
-
-def wait_reloads(proxy: ProxyProcess, *, success: int, failure: int) -> dict[str, Any]:
-    expected = {"success": success, "failure": failure}
-    return wait_until(
-        lambda: (doc := status(proxy))["reloads"] == expected and doc,
-        WATCH_DEADLINE,
-        0.05,
-        message=f"reload counts {expected}",
-    )
 
 
 def assert_failure_shown(proxy: ProxyProcess, failures: int, reason: str) -> None:

@@ -3,12 +3,10 @@ its fields as nginx does, and ``flush`` hands the lines to a writer instead of w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -40,15 +38,6 @@ class FakeExchange:
 
 class FakeClock:
     second = 1_700_000_000
-
-
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    read, write = os.pipe()
-    yield read, write
-    for fd in (read, write):
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def lines_of(log: AccessLog, exchange: FakeExchange, status: int = 200) -> str:

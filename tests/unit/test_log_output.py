@@ -3,26 +3,13 @@ blocking, one notice per episode of drops, and a broken descriptor drops everyth
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from tdproxy.observability.log_output import LogWriter, QueuedLogHandler
 
 Notices = list[tuple[str, bool]]
-
-
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    read, write = os.pipe()
-    yield read, write
-    for fd in (read, write):
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def read_all(fd: int) -> bytes:
