@@ -33,6 +33,7 @@ INF = math.inf
 BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
 RESP_NONE, RESP_LENGTH, RESP_CHUNKED, RESP_CLOSE = 0, 1, 2, 3
 
+# The transition table as a list indexed by state (the client checks each move against it).
 EXCHANGE_NEXT = [EXCHANGE_TRANSITIONS[state] for state in range(len(EXCHANGE_TRANSITIONS))]
 
 # What parse_head does with a request field (anything not listed is forwarded as it is).
@@ -232,13 +233,6 @@ class Exchange:
         self.generated = False
         self.set_cookie = b""
         self.tunnel_data = b""
-
-    def move(self, new: int) -> bool:
-        """Enter exchange state ``new``; False (nothing changed) when the table forbids it."""
-        if new not in EXCHANGE_NEXT[self.state]:
-            return False
-        self.state = new
-        return True
 
     @property
     def finished(self) -> bool:

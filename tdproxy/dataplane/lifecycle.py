@@ -81,9 +81,6 @@ CONNECTION_STATES = (
 QUEUED, CONNECTING, WAITING, RELAYING, DONE, ABORTED = range(6)
 EXCHANGE_STATES = ("QUEUED", "CONNECTING", "WAITING", "RELAYING", "DONE", "ABORTED")
 
-# The connection states in which request bytes are parsed.
-READING = frozenset({IDLE, HEAD, BODY, BUSY})
-
 CONNECTION_TRANSITIONS: dict[int, frozenset[int]] = {
     IDLE: frozenset({HEAD, LINGER, CLOSING, CLOSED}),
     HEAD: frozenset({BODY, BUSY, ENDING, LINGER, CLOSING, CLOSED}),
