@@ -698,6 +698,14 @@ class ClientConnection(ResponseRelay):
             return
         if exchange is None:
             exchange = Exchange()  # refused before a request began (garbage at the start)
+        else:
+            # What was read of it goes to the access log: the method once its target began
+            # (llhttp has parsed the method then), the version once its fields began.
+            parser = self._parser
+            exchange.note_refused(
+                parser.get_method() if exchange.target else None,
+                parser.get_http_version() if exchange.headers else None,
+            )
         exchange.refusal = code
         exchange.body = []
         exchange.body_buffered = 0

@@ -115,6 +115,11 @@ def _check_host(host: bytes) -> bool:
     return port[:1] == b":" and (len(port) == 1 or port[1:].isdigit())
 
 
+def method_name(method: bytes) -> str:
+    name = _METHOD_NAMES.get(method)
+    return name if name is not None else method.decode("ascii", "replace")
+
+
 class PeerFields:
     """The forwarding fields that name one client connection's peer, built once per connection."""
 
@@ -250,10 +255,7 @@ class Exchange:
         peer: PeerFields,
     ) -> int:
         """Check the request head and prepare what goes upstream; return an error status or 0."""
-        method_name = _METHOD_NAMES.get(method)
-        if method_name is None:
-            method_name = method.decode("ascii", "replace")
-        self.method = method_name
+        self.method = method_name(method)
         self.version = version
         self.keep_alive = keep_alive
         self.head_only = method == b"HEAD"
@@ -345,6 +347,17 @@ class Exchange:
         self.request_line = b"%s %s HTTP/1.1\r\nHost: " % (method, target)
         self.middle = b"".join(out)
         return 0
+
+    def note_refused(self, method: bytes | None, version: str | None) -> None:
+        """A request refused before its head was checked: keep what was read of it for the
+        access log (``method`` once the request line's target began, ``version`` once its
+        fields began, the first ``Host`` field)."""
+        if self.method == "-" and method is not None:
+            self.method = method_name(method)
+        if version is not None and not self.head_done:
+            self.version = version
+        if self.host is None:
+            self.host = self.field(b"host")
 
     def field(self, lname: bytes) -> bytes | None:
         """The first value of a request field (lower-case name), for the access log."""

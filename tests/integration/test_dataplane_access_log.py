@@ -114,3 +114,58 @@ def test_combined_access_log_format(
         assert match, line
         assert (match["method"], match["target"], int(match["status"])) == (method, target, status)
         assert f" {backend} " in line[match.end() :]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "method", "target"),
+    [
+        # (A field reaches tdproxy once the next one has begun: X-A delivers Host.)
+        (
+            b"PUT /bad HTTP/1.1\r\nHost: shop.example.test\r\nX-A: 1\r\nBad Header: x\r\n\r\n",
+            400,
+            "PUT",
+            "/bad",
+        ),
+        (
+            b"GET /" + b"l" * 9000 + b" HTTP/1.1\r\nHost: shop.example.test\r\n\r\n",
+            414,
+            "GET",
+            None,
+        ),
+        (
+            b"DELETE /big HTTP/1.1\r\nHost: shop.example.test\r\n"
+            + b"".join(b"X-F%d: v\r\n" % n for n in range(150))
+            + b"\r\n",
+            431,
+            "DELETE",
+            "/big",
+        ),
+    ],
+)
+def test_a_refused_request_is_logged_with_what_was_read(
+    backends: tuple[BackendProcess, BackendProcess],
+    tmp_path: Path,
+    raw: bytes,
+    status: int,
+    method: str,
+    target: str | None,
+) -> None:
+    proxy = start(backends, tmp_path)
+    with RawClient(proxy.host, proxy.port) as client:
+        client.send(raw)
+        assert client.read_response().status == status
+
+    def logged() -> dict[str, Any] | None:
+        for line in proxy.stdout_text().splitlines():
+            entry: dict[str, Any] = json.loads(line)
+            if entry["status"] == status:
+                return entry
+        return None
+
+    entry = wait_until(logged, timeout=5, message=f"the access-log line of the {status}")
+    proxy.stop()
+    assert entry["method"] == method
+    assert entry["version"] == "1.1" or status == 414  # a 414 stops before the version
+    assert entry["backend"] is None
+    if status != 414:  # the target was read whole, and the Host field before the refusal
+        assert (entry["target"], entry["host"]) == (target, "shop.example.test")
