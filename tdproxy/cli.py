@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080, help="entrypoint port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=9901, help="admin port (default 9901)")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    demo.add_argument(
+        "--config-out",
+        metavar="PATH",
+        help="write the demo's (live) config here (default: a new temporary directory)",
+    )
     backend = commands.add_parser("demo-backend", help="one demo environment on its own")
     backend.add_argument("--name", default="blue")
     backend.add_argument("--host", default="0.0.0.0")
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from tdproxy import demo
 
     if args.command == "demo":
-        return demo.run_demo(args.host, args.port, args.admin_port)
+        return demo.run_demo(args.host, args.port, args.admin_port, args.config_out)
     return demo.run_backend(args.name, args.host, args.port)
 
 
