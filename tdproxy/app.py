@@ -12,7 +12,15 @@ from typing import Literal, NamedTuple
 
 from tdproxy.config.loader import ConfigError, parse_config_text, read_config_text
 from tdproxy.config.model import Config
-from tdproxy.controlplane.admin import AdminServer
+from tdproxy.controlplane.admin import AdminServer, configured_shares
+from tdproxy.controlplane.changes import (
+    ChangeLog,
+    change_trigger,
+    config_summary,
+    health_summary,
+    passive_cause,
+    start_summary,
+)
 from tdproxy.controlplane.health import HealthChecker, needs_first_check
 from tdproxy.controlplane.reload import (
     ConfigWatcher,
@@ -39,7 +47,7 @@ class App:
     """The whole distributor: data plane, health checks, admin server, config watcher.
 
     It is also the admin server's ``AdminSource``: the admin reads ``router``, ``config``,
-    ``config_path`` and ``reload_history`` and calls :meth:`reload`.
+    ``config_path``, ``reload_history`` and ``changes`` and calls :meth:`reload`.
     """
 
     def __init__(
@@ -53,10 +61,13 @@ class App:
             config, self.endpoints, secure_cookie=config.entrypoint.tls is not None
         )
         self.reload_history = ReloadHistory()
+        self.changes = ChangeLog()  # applied generations and health transitions
         self.ctx: ProxyContext | None = None
         self.entrypoint: Entrypoint | None = None
         self.redirect: RedirectServer | None = None
-        self.health = HealthChecker(self.router, config.health_check)
+        self.health = HealthChecker(
+            self.router, config.health_check, on_transition=self._health_changed
+        )
         self.admin = AdminServer()
         self.watcher: ConfigWatcher | None = None
         self._applied_hash = content_hash(config_text) if config_text is not None else None
@@ -74,6 +85,13 @@ class App:
         if config.health_check.enabled:
             # One round before accepting: a dead environment gets no traffic from the start.
             await self.health.initial_round()
+        weights, shares = _split(self.router.table)
+        down = {
+            t.name: t.state.health_reason for t in self.router.table.targets if not t.state.healthy
+        }
+        self.changes.record(
+            "config", "start", self.router.generation, start_summary(shares, down), weights, shares
+        )
         self.ctx = ProxyContext(
             loop, self.router, config, _access_log(config), self.passive_failure, self.endpoints
         )
@@ -189,6 +207,12 @@ class App:
             log.warning("backend %s: up -> down (%s)", state.name, state.health_reason)
             self.health.passive_down(state.name)
             self.router.refresh()
+            self._health_changed(state.name, False, passive_cause(state.consecutive_failures, kind))
+
+    def _health_changed(self, name: str, healthy: bool, cause: str) -> None:
+        weights, shares = _split(self.router.table)
+        summary = health_summary(name, healthy, cause)
+        self.changes.record("health", "health", self.router.generation, summary, weights, shares)
 
     # -- reload -----------------------------------------------------------------------------
 
@@ -247,6 +271,7 @@ class App:
         results = await self.health.first_checks(unchecked, prepared.config.health_check)
         # Everything is built; from here on nothing can fail.
         kept_out = self.health.admit(unchecked, results)
+        before = _split(self.router.table)
         table = prepared.table
         table.refresh()  # health may have changed while the table was built and checked
         self.router.install(table, prepared.commit)
@@ -266,6 +291,15 @@ class App:
         )
         for item in pending:
             log.warning("not applied until the next start: %s", item)
+        weights, shares = _split(table)
+        self.changes.record(
+            "config",
+            change_trigger(trigger),
+            table.generation,
+            config_summary(*before, weights, shares, changes, pending),
+            weights,
+            shares,
+        )
         return ReloadOutcome(
             True, time.time(), trigger, table.generation, tuple(changes), (), tuple(pending)
         )
@@ -313,6 +347,12 @@ class App:
         if self.entrypoint is not None:
             self.entrypoint.reload_tls(new)
         self.health.update(new.health_check)
+
+
+def _split(table: RoutingTable) -> tuple[dict[str, int], dict[str, float]]:
+    """The configured split a change-log entry records: weights, and shares as the status
+    document's ``configured_share``."""
+    return {t.name: t.weight for t in table.targets}, configured_shares(table)
 
 
 def _access_log(config: Config) -> AccessLog | None:

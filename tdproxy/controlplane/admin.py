@@ -7,7 +7,9 @@ real app or over a small fake in tests. Endpoints (fixed by DESIGN.md):
 - ``GET /healthz``: 200 while the process runs.
 - ``GET /readyz``: 200 when the current table has an eligible healthy backend, else 503.
 - ``GET /api/v1/status``: the JSON document :class:`StatusDoc` describes.
-- ``GET /status``: the same as a page that refreshes itself (:mod:`.status_page`).
+- ``GET /status``: the same as a page that refreshes itself (:mod:`.status_page`), with the
+  observed split of the last 15 minutes as a chart and the latest change-log entries.
+- ``GET /api/v1/changes``: ``{"changes": [...]}``, the change log newest first (:mod:`.changes`).
 - ``POST /api/v1/reload``: reload the config file now; 200 when applied, 422 when refused.
 
 Mutating requests (anything but GET/HEAD) are guarded: a request whose ``Origin`` is present and
@@ -17,7 +19,8 @@ trigger them; and when ``admin.token`` (or ``admin.token_env``) is configured th
 unset or empty, they are refused outright rather than left open.
 
 Rates that :class:`BackendState` keeps no window for (error rate, p95 latency) come from
-:class:`RecentWindow`, counter snapshots taken every few seconds by a task this server owns.
+:class:`RecentWindow`, counter snapshots taken every few seconds by a task this server owns;
+the same task samples the observed shares into the chart's :class:`SplitHistory`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 import tdproxy
 from tdproxy.config.model import Admin, Config
+from tdproxy.controlplane.changes import ChangeLog
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
+from tdproxy.controlplane.split_history import SplitHistory
 from tdproxy.controlplane.status_page import CONTENT_SECURITY_POLICY, render_status_page
 from tdproxy.observability.metrics import (
     build_registry,
@@ -66,6 +71,7 @@ class AdminSource(Protocol):
     config: Config  # the config now serving (replaced by each successful reload)
     config_path: str | None
     reload_history: ReloadHistory
+    changes: ChangeLog
 
     @property
     def draining(self) -> bool: ...  # SIGTERM received: finishing in-flight work, nothing new
@@ -345,9 +351,10 @@ def _guard(source: AdminSource) -> Middleware:
 
 
 class _Handlers:
-    def __init__(self, source: AdminSource, window: RecentWindow) -> None:
+    def __init__(self, source: AdminSource, window: RecentWindow, history: SplitHistory) -> None:
         self.source = source
         self.window = window
+        self.history = history
         self.registry = build_registry(source)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -372,8 +379,11 @@ class _Handlers:
 
     async def status_page(self, request: web.Request) -> web.Response:
         status = build_status(self.source, self.window)
+        # The chart ends with the shares this very document shows.
+        current = {b["name"]: b["observed_share"] for b in status["backends"]}
+        points = self.history.points(status["time"], current)
         return web.Response(
-            text=render_status_page(status),
+            text=render_status_page(status, self.source.changes.latest(), points),
             content_type="text/html",
             headers={
                 "Cache-Control": "no-store",
@@ -381,6 +391,10 @@ class _Handlers:
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+    async def changes(self, request: web.Request) -> web.Response:
+        changes = [change.to_json() for change in self.source.changes.latest()]
+        return web.json_response({"changes": changes}, headers={"Cache-Control": "no-store"})
 
     async def index(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/status")
@@ -390,8 +404,10 @@ class _Handlers:
         return web.json_response(outcome_json(outcome), status=200 if outcome.ok else 422)
 
 
-def make_app(source: AdminSource, window: RecentWindow | None = None) -> web.Application:
-    handlers = _Handlers(source, window or RecentWindow())
+def make_app(
+    source: AdminSource, window: RecentWindow | None = None, history: SplitHistory | None = None
+) -> web.Application:
+    handlers = _Handlers(source, window or RecentWindow(), history or SplitHistory())
     app = web.Application(middlewares=[_guard(source)])
     app.router.add_get("/", handlers.index)
     app.router.add_get("/metrics", handlers.metrics)
@@ -399,6 +415,7 @@ def make_app(source: AdminSource, window: RecentWindow | None = None) -> web.App
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/api/v1/status", handlers.status_json)
     app.router.add_get("/status", handlers.status_page)
+    app.router.add_get("/api/v1/changes", handlers.changes)
     app.router.add_post("/api/v1/reload", handlers.reload)
     return app
 
@@ -407,7 +424,8 @@ def make_app(source: AdminSource, window: RecentWindow | None = None) -> web.App
 
 
 class AdminServer:
-    """Serves :func:`make_app` on the admin address and owns the window-sampling task.
+    """Serves :func:`make_app` on the admin address and owns the sampling task
+    (windowed rates, the split history).
 
     The listener is tdproxy's own rather than aiohttp's ``TCPSite``, to bound what a client can
     hold: at most ``MAX_CONNECTIONS`` connections (more are closed as soon as they are
@@ -433,10 +451,12 @@ class AdminServer:
             raise RuntimeError("the admin server is already running")
         window = RecentWindow()
         window.sample(source.router)
+        history = SplitHistory(interval=SAMPLE_INTERVAL)
+        _sample_split(source.router, history)
         # aiohttp's keep-alive timer runs from the connection's start (and from each response
         # on) until a complete request head arrives, so it is a deadline for heads as well.
         runner = web.AppRunner(
-            make_app(source, window), access_log=None, keepalive_timeout=HEAD_TIMEOUT
+            make_app(source, window, history), access_log=None, keepalive_timeout=HEAD_TIMEOUT
         )
         await runner.setup()
         server = runner.server
@@ -451,7 +471,9 @@ class AdminServer:
         self._runner = runner
         self.address = address
         self.port = self._listener.sockets[0].getsockname()[1]
-        self._sampler = asyncio.create_task(self._sample(source, window), name="admin-sampler")
+        self._sampler = asyncio.create_task(
+            self._sample(source, window, history), name="admin-sampler"
+        )
         required, token = admin_token(source.config.admin)
         if required and token is None:
             log.warning(
@@ -478,10 +500,11 @@ class AdminServer:
         return _Refused()
 
     @staticmethod
-    async def _sample(source: AdminSource, window: RecentWindow) -> None:
+    async def _sample(source: AdminSource, window: RecentWindow, history: SplitHistory) -> None:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
             window.sample(source.router)
+            _sample_split(source.router, history)
 
     async def stop(self) -> None:
         sampler, self._sampler = self._sampler, None
@@ -497,6 +520,11 @@ class AdminServer:
             await runner.cleanup()
         if listener is not None:
             await listener.wait_closed()
+
+
+def _sample_split(router: Router, history: SplitHistory) -> None:
+    now = time.time()
+    history.sample(now, observed_shares(router.table.targets, int(now)))
 
 
 class _Refused(asyncio.Protocol):

@@ -4,8 +4,8 @@ Theory of operation: :class:`HealthHysteresis` is I/O-free; it counts consecutiv
 says when health flips (``fall`` failures in a row -> down, ``rise`` successes -> up).
 :class:`HealthChecker` is the thin shell around it: one task per backend, first run at a random
 offset within the interval so many backends (and replicas) are not checked in lockstep, each probe
-bounded by ``timeout``. A flip sets the :class:`BackendState`, is logged on ``tdproxy.health`` and
-rebuilds the selector (``router.refresh()``).
+bounded by ``timeout``. A flip sets the :class:`BackendState`, is logged on ``tdproxy.health``,
+rebuilds the selector (``router.refresh()``) and is reported to ``on_transition`` (the change log).
 
 A reload keeps the start-up promise for what it brings: backends it adds, or whose url changed,
 (every backend when it turns checks on) are checked once before the new table serves
@@ -33,6 +33,7 @@ import aiohttp
 from yarl import URL
 
 from tdproxy.config.model import Backend, Config, HealthCheck
+from tdproxy.controlplane.changes import checks_cause
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import BackendState
 from tdproxy.routing.table import RoutingTable, Target
@@ -44,6 +45,8 @@ INITIAL_MARGIN = 0.5  # seconds the start-up round may take beyond ``timeout``
 USER_AGENT = "tdproxy-health-check"
 
 Result = tuple[bool, str]  # (healthy, detail such as "HTTP 500" or "connect refused")
+# (backend name, healthy now, cause such as "3 failed checks (HTTP 503)")
+Transition = Callable[[str, bool, str], None]
 
 
 class HealthHysteresis:
@@ -97,7 +100,9 @@ class HealthChecker:
     """Runs the active checks for every backend in ``router``'s current table.
 
     ``sleep``, ``jitter`` (a number in [0, 1) scaling the first wait) and ``clock`` are injectable
-    so tests can run the loops fast or deterministically.
+    so tests can run the loops fast or deterministically. ``on_transition`` hears each flip the
+    check loops cause (not the start-up round's or a reload's first checks: those are part of
+    the start or the reload).
     """
 
     def __init__(
@@ -108,8 +113,10 @@ class HealthChecker:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        on_transition: Transition | None = None,
     ) -> None:
         self._router = router
+        self._on_transition = on_transition
         self._config = config
         self._sleep = sleep
         self._jitter = jitter
@@ -268,12 +275,15 @@ class HealthChecker:
         flipped = tracker.observe(ok)
         if flipped is None:
             return
+        run = tracker.successes if flipped else tracker.failures
         if flipped:
-            reason = f"{tracker.successes} consecutive successes: {detail}"
+            reason = f"{run} consecutive successes: {detail}"
         else:
-            reason = f"{tracker.failures} consecutive failures: {detail}"
+            reason = f"{run} consecutive failures: {detail}"
         if self._set_health(state, flipped, reason):
             self._router.refresh()
+            if self._on_transition is not None:
+                self._on_transition(state.name, flipped, checks_cause(run, flipped, detail))
 
     @staticmethod
     def _count(state: BackendState, ok: bool) -> None:

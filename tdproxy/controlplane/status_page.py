@@ -10,6 +10,10 @@ The structure is defined once, here: every value sits in an element with
 ``data-value`` beside its formatted text. The script fills any ``[data-field]`` it finds using
 :data:`FIELD_KINDS`, which it receives from Python, and formats each kind exactly as
 :func:`format_value` does, so a browser test can compare the page with the JSON.
+
+Below the backends, the ``#history`` section holds the observed split of the last 15 minutes as
+an inline SVG chart (:mod:`.status_chart`) and the latest change-log entries. The server draws
+both; the script replaces the section with the one of a freshly fetched page every 10 s.
 """
 
 from __future__ import annotations
@@ -18,16 +22,22 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from tdproxy.controlplane.changes import Change, percent
+from tdproxy.controlplane.split_history import HISTORY_SECONDS, Point
+from tdproxy.controlplane.status_chart import Mark, render_split_chart
+
 if TYPE_CHECKING:
     from tdproxy.controlplane.admin import StatusDoc
 
 REFRESH_MS = 2500
+HISTORY_REFRESH_MS = 10000  # the chart and the change log: as often as the split is sampled
+CHANGES_SHOWN = 20
 BLANK = "\u2013"  # en dash, shown for "no value"
 
 # How each field is shown; the script gets this same table.
@@ -214,6 +224,16 @@ tr.down td { background: #fff5f5; }
 footer { margin-top: 1rem; color: var(--muted); font-size: .8rem; }
 #stale:empty { display: none; }
 #stale { color: var(--bad); }
+h2 { font-size: 1.05rem; margin: 1.5rem 0 .25rem; }
+.chart { margin: .5rem 0 0; }
+.chart svg { display: block; max-width: 100%; height: auto; }
+.chart figcaption { color: var(--muted); font-size: .8rem; }
+.key { margin-right: 1rem; white-space: nowrap; }
+.swatch { display: inline-block; width: .8rem; height: .8rem; border-radius: .15rem;
+  vertical-align: -.1rem; margin-right: .3rem; }
+.swatch.mark { width: 0; border-left: 1px dashed #57606a; border-radius: 0; }
+tr.change-health td.summary { color: var(--bad); }
+td.when { white-space: nowrap; color: var(--muted); font-size: .85rem; }
 """
 
 _SCRIPT_TEMPLATE = """
@@ -315,11 +335,30 @@ _SCRIPT_TEMPLATE = """
     }
   }
   setTimeout(refresh, __REFRESH_MS__);
+  // The chart and the change log are drawn by the server: take them from a fresh page.
+  async function refreshHistory() {
+    try {
+      const response = await fetch("/status", { cache: "no-store" });
+      if (response.ok) {
+        const page = new DOMParser().parseFromString(await response.text(), "text/html");
+        const fresh = page.getElementById("history");
+        const shown = document.getElementById("history");
+        if (fresh && shown) shown.replaceWith(document.importNode(fresh, true));
+      }
+    } catch (err) {
+      // refresh() reports an unreachable server; the chart just stays as it was.
+    } finally {
+      setTimeout(refreshHistory, __HISTORY_MS__);
+    }
+  }
+  setTimeout(refreshHistory, __HISTORY_MS__);
 })();
 """
 
-_SCRIPT = _SCRIPT_TEMPLATE.replace("__KINDS__", json.dumps(FIELD_KINDS)).replace(
-    "__REFRESH_MS__", str(REFRESH_MS)
+_SCRIPT = (
+    _SCRIPT_TEMPLATE.replace("__KINDS__", json.dumps(FIELD_KINDS))
+    .replace("__REFRESH_MS__", str(REFRESH_MS))
+    .replace("__HISTORY_MS__", str(HISTORY_REFRESH_MS))
 )
 
 
@@ -408,8 +447,51 @@ def _summary(status: Mapping[str, Any], now: float) -> str:
     return "<dl>" + "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in rows) + "</dl>"
 
 
-def render_status_page(status: StatusDoc | Mapping[str, Any]) -> str:
-    """The complete page for one status document."""
+def _split(shares: Mapping[str, float]) -> str:
+    return " / ".join(f"{name} {percent(share)}" for name, share in shares.items())
+
+
+def render_changes(changes: Sequence[Change]) -> str:
+    """The change log table, newest first."""
+    rows = "".join(
+        f'<tr class="change-{escape(c.kind)}" data-kind="{escape(c.kind)}">'
+        f'<td class="when">{escape(_time(c.time))}</td><td>{escape(c.kind)}</td>'
+        f'<td>{escape(c.trigger)}</td><td class="num">{c.generation}</td>'
+        f'<td class="summary">{escape(c.summary)}</td><td>{escape(_split(c.shares))}</td></tr>'
+        for c in changes
+    )
+    if not rows:
+        rows = '<tr><td colspan="6">no changes yet</td></tr>'
+    head = "".join(
+        f"<th>{label}</th>"
+        for label in ("Time", "Kind", "Trigger", "Generation", "Summary", "Configured split")
+    )
+    return f'<table id="changes"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def render_history(
+    status: StatusDoc | Mapping[str, Any], changes: Sequence[Change], history: Sequence[Point]
+) -> str:
+    """The ``#history`` section: the split chart and the latest change-log entries."""
+    now = float(status["time"])
+    names = [str(b["name"]) for b in status["backends"]]
+    marks = [Mark(c.time, c.kind, c.summary) for c in changes]
+    chart = render_split_chart(history, marks, names, now, HISTORY_SECONDS)
+    return (
+        '<section id="history">'
+        f"<h2>Observed split, last {HISTORY_SECONDS // 60} minutes</h2>{chart}"
+        f"<h2>Change log</h2>{render_changes(changes[:CHANGES_SHOWN])}"
+        "</section>"
+    )
+
+
+def render_status_page(
+    status: StatusDoc | Mapping[str, Any],
+    changes: Sequence[Change] = (),
+    history: Sequence[Point] = (),
+) -> str:
+    """The complete page for one status document, with the change log (newest first) and the
+    observed split over time (oldest first; its last point should be ``status``'s shares)."""
     now = float(status["time"])
     head = "".join(f'<th class="{cls}">{escape(label)}</th>' for label, cls in _COLUMNS)
     rows = "".join(render_row(backend, now) for backend in status["backends"])
@@ -433,6 +515,7 @@ def render_status_page(status: StatusDoc | Mapping[str, Any]) -> str:
 <tbody id="backends">{rows}</tbody>
 </table>
 <template id="row-template">{template}</template>
+{render_history(status, changes, history)}
 <footer>As of {_field("span", "time", status, now)}; refreshes every {REFRESH_MS / 1000:g} s.
 <span id="stale"></span></footer>
 <script>{_SCRIPT}</script>

@@ -13,6 +13,7 @@ import pytest
 import tdproxy
 from tdproxy.config import Config, parse_config
 from tdproxy.controlplane.admin import AdminServer, AdminSource, RecentWindow
+from tdproxy.controlplane.changes import ChangeLog
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tests.fakes.routing import new_router
 
@@ -43,6 +44,7 @@ class FakeSource:
         self.config_path: str | None = CONFIG_PATH
         self.router = new_router(config)
         self.reload_history = ReloadHistory()
+        self.changes = ChangeLog()
         self.reload_history.record(
             ReloadOutcome(ok=True, time=time.time(), trigger="start", generation=1)
         )

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import threading
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -36,6 +37,7 @@ from typing import Any, Self
 
 import pytest
 
+from tdproxy.controlplane import status_chart as chart
 from tests.fakes import client
 from tests.fakes.client import RawClient
 from tests.fakes.process import (
@@ -437,3 +439,165 @@ def test_status_page_in_chromium_shows_the_status_api_numbers(
     data = screenshot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n"), data[:16]
     assert len(data) > 10 * 1024, f"screenshot is only {len(data)} bytes"
+
+
+# -- the split chart ---------------------------------------------------------------------------
+
+
+class ChartDom(HTMLParser):
+    """The chart's polylines (``data-backend`` -> attributes), its change marks and the rows of
+    the change-log table."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.svg: dict[str, str] | None = None
+        self.polylines: dict[str, dict[str, str]] = {}
+        self.marks: list[str] = []
+        self.change_rows: list[list[str]] = []
+        self._cells: list[str] | None = None
+        self._in_changes = False
+        self._in_cell = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        if tag == "svg" and attributes.get("id") == "split-chart":
+            self.svg = attributes
+        elif tag == "polyline":
+            self.polylines[attributes["data-backend"]] = attributes
+        elif tag == "line" and attributes.get("class") == "change-mark":
+            self.marks.append(attributes["data-kind"])
+        elif tag == "table" and attributes.get("id") == "changes":
+            self._in_changes = True
+        elif tag == "tr" and self._in_changes and "data-kind" in attributes:
+            self._cells = []
+            self.change_rows.append(self._cells)
+        elif tag == "td" and self._cells is not None:
+            self._in_cell = True
+            self._cells.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._in_changes = False
+        elif tag == "td":
+            self._in_cell = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_cell and self._cells is not None:
+            self._cells[-1] += data
+
+
+def read_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows of RGB bytes) of an 8-bit, non-interlaced RGB or RGBA PNG."""
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    offset, idat, header = 8, b"", b""
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
+        body = data[offset + 8 : offset + 8 + length]
+        header = body if kind == b"IHDR" else header
+        idat += body if kind == b"IDAT" else b""
+        offset += 12 + length
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour_type, interlace = header[8], header[9], header[12]
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0, header
+    channels = 3 if colour_type == 2 else 4
+    stride = width * channels
+    raw = zlib.decompress(idat)
+    rows: list[bytes] = []
+    previous = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up = previous[i]
+            corner = previous[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                guess = left + up - corner
+                pa, pb, pc = abs(guess - left), abs(guess - up), abs(guess - corner)
+                best = left if pa <= pb and pa <= pc else (up if pb <= pc else corner)
+                line[i] = (line[i] + best) & 0xFF
+        previous = line
+        rows.append(bytes(b for x in range(width) for b in line[x * channels : x * channels + 3]))
+    return width, height, rows
+
+
+def pixels_near(rows: list[bytes], colour: str, tolerance: int = 60) -> list[tuple[int, int]]:
+    """(x, y) of the pixels within ``tolerance`` (per channel sum) of ``#rrggbb``."""
+    target = bytes.fromhex(colour[1:])
+    found = []
+    for y, row in enumerate(rows):
+        for x in range(0, len(row), 3):
+            if sum(abs(a - b) for a, b in zip(row[x : x + 3], target, strict=True)) <= tolerance:
+                found.append((x // 3, y))
+    return found
+
+
+def test_status_page_charts_the_observed_split_and_lists_the_changes(
+    chromium: str,
+    backend_factory: BackendFactory,
+    proxy_factory: ProxyFactory,
+    tmp_path: Path,
+) -> None:
+    # Named like colours that appear nowhere else on the page, so the screenshot can find them.
+    orange, purple = backend_factory("orange"), backend_factory("purple")
+    config = proxy_config([("orange", orange.url, 50), ("purple", purple.url, 50)])
+    proxy = proxy_factory(config, wait_admin=True)
+    assert sorted(hits(proxy, 10)) == ["orange"] * 5 + ["purple"] * 5
+    changed = copy.deepcopy(config)
+    changed["backends"] = backend_list(
+        {"orange": orange.url, "purple": purple.url}, {"orange": 9, "purple": 1}
+    )
+    proxy.write_config(changed)
+    wait_until(lambda: status(proxy)["generation"] == 2, 10, 0.05, message="reload")
+    assert sorted(hits(proxy, 10)) == ["orange"] * 9 + ["purple"]  # 14 : 6 in the last minute
+
+    # 1. The chart in the DOM: one polyline per backend whose last point is the observed share
+    # that /api/v1/status gives (no traffic in between, so the two agree exactly).
+    dom = ChartDom()
+    dom.feed(dump_dom(chromium, tmp_path / "dom", proxy.admin_url + "/status"))
+    observed = {b["name"]: b["observed_share"] for b in status(proxy)["backends"]}
+    assert observed == {"orange": 0.7, "purple": 0.3}
+    assert dom.svg is not None and int(dom.svg["width"]) > 0 and int(dom.svg["height"]) > 0
+    assert set(dom.polylines) == {"orange", "purple"}
+    for name, line in dom.polylines.items():
+        assert float(line["data-last"]) == pytest.approx(observed[name], abs=SHARE_TOLERANCE)
+        last_x, last_y = (float(v) for v in line["points"].split()[-1].split(","))
+        assert last_x == pytest.approx(chart.LEFT + chart.PLOT_W, abs=0.1)
+        assert last_y == pytest.approx(chart.TOP + chart.PLOT_H * (1 - observed[name]), abs=0.1)
+    assert dom.marks == ["config", "config"]  # the start and the reload
+    assert [row[1:4] for row in dom.change_rows] == [
+        ["config", "file", "2"],
+        ["config", "start", "1"],
+    ]
+    assert dom.change_rows[0][4] == "orange 50% -> 90%, purple 50% -> 10%"
+
+    # 2. The screenshot shows both series, their last points as far apart as the shares are.
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "status-page-chart.png"
+    screenshot.unlink(missing_ok=True)
+    with Chromium(
+        chromium,
+        tmp_path / "screenshot",
+        proxy.admin_url + "/status",
+        f"--screenshot={screenshot}",
+        "--window-size=1280,1400",
+    ) as run:
+        run.output()
+    _, _, rows = read_png(screenshot.read_bytes())
+    ends = {}
+    for name, colour in chart.colours(["orange", "purple"]).items():
+        found = pixels_near(rows, colour)
+        assert len(found) > 100, f"{name}'s line ({colour}) is not in the screenshot"
+        right = max(x for x, _ in found)
+        circle = [y for x, y in found if x >= right - 1]  # right of the line: the end marker
+        ends[name] = (right, sum(circle) / len(circle))
+    assert abs(ends["orange"][0] - ends["purple"][0]) <= 1, ends
+    gap = ends["purple"][1] - ends["orange"][1]  # y grows downwards
+    assert gap == pytest.approx(chart.PLOT_H * (0.7 - 0.3), abs=3), ends
