@@ -162,21 +162,30 @@ def _insertion(text: str, backend: Node, weight: int, name: str) -> Edit:
         return pairs[-1][1].end, 0, f", {WEIGHT_KEY}: {weight}"
     indent = " " * _column(text, pairs[0][0].start)
     line = f"{indent}{WEIGHT_KEY}: {weight}"
+    newline = "\r\n" if "\r\n" in text else "\n"  # the file's own line ends
     keys = [key.value for key, _ in pairs]
     after = keys.index("url") + 1 if "url" in keys else len(keys)
     for key, _ in pairs[after:]:
         start = _line_start(text, key.start)
         if not text[start : key.start].strip():  # the key begins its own line
-            return start, 0, line + "\n"
+            return start, 0, line + newline
     last_key, last_value = pairs[-1]
     if last_value.kind in ("scalar", "alias") and "\n" not in text[last_key.start : last_value.end]:
-        end = text.find("\n", last_value.end)
-        return (len(text) if end < 0 else end), 0, "\n" + line
+        end = _line_end(text, last_value.end)
+        return end, 0, newline + line
     raise EditError(f"backend {name}: cannot tell where to add a weight key; add one by hand")
 
 
 def _line_start(text: str, index: int) -> int:
     return text.rfind("\n", 0, index) + 1
+
+
+def _line_end(text: str, index: int) -> int:
+    """Where the line holding ``index`` ends, before its ``\n`` or ``\r\n``."""
+    end = text.find("\n", index)
+    if end < 0:
+        return len(text)
+    return end - 1 if end > index and text[end - 1] == "\r" else end
 
 
 def _column(text: str, index: int) -> int:

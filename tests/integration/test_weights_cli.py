@@ -143,6 +143,70 @@ def test_mode_is_kept_and_the_file_is_replaced_not_rewritten(config_file: Path) 
     assert sorted(p.name for p in config_file.parent.iterdir()) == ["tdproxy.yaml"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_owner_and_group_are_kept(config_file: Path) -> None:
+    os.chown(config_file, 4321, 4322)
+    code, _, err = weights("set", "green=10", config=config_file)
+    assert code == 0, err
+    info = os.stat(config_file)
+    assert (info.st_uid, info.st_gid) == (4321, 4322)
+
+
+ALIASED = """\
+backends:
+  - &blue
+    name: blue
+    url: http://127.0.0.1:1
+    weight: &w 70
+  - <<: *blue
+    name: green
+    url: http://127.0.0.1:2
+  - name: red
+    url: http://127.0.0.1:3
+    weight: *w
+admin:
+  port: {admin_port}
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("set", "red=5"), "backend red: its weight is an alias (*w)"),
+        (("set", "blue=5", "green=5"), "backend blue: its weight carries the anchor &w"),
+    ],
+)
+def test_weights_shared_through_anchors_are_refused(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    path = tmp_path / "aliased.yaml"
+    path.write_text(ALIASED.format(admin_port=free_port()), encoding="utf-8")
+    before = fingerprint(path)
+    code, _, err = weights(*args, config=path)
+    assert code == 2
+    assert message in err
+    assert fingerprint(path) == before
+
+
+def test_a_weight_another_backend_inherits_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "merged.yaml"
+    path.write_text(
+        ALIASED.replace("&w 70", "70")
+        .replace("weight: *w", "weight: 1")
+        .format(admin_port=free_port()),
+        encoding="utf-8",
+    )
+    before = fingerprint(path)
+    code, _, err = weights("set", "blue=5", config=path)
+    assert code == 2
+    assert "backend green: its weight would become 5 rather than 70" in err
+    assert fingerprint(path) == before
+
+    code, _, err = weights("set", "green=30", config=path)  # green gets a weight of its own
+    assert code == 0, err
+    assert "    url: http://127.0.0.1:2\n    weight: 30\n" in path.read_text()
+
+
 def test_a_symlink_is_followed_and_stays_a_link(tmp_path: Path, config_file: Path) -> None:
     link = tmp_path / "link.yaml"
     link.symlink_to(config_file.name)

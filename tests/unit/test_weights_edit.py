@@ -106,6 +106,14 @@ def test_a_block_backend_ending_with_its_url_gets_the_weight_on_a_new_line() -> 
     )
 
 
+def test_a_file_with_crlf_line_ends_keeps_them() -> None:
+    text = "backends:\r\n- name: a\r\n  url: http://a # x\r\n- name: b\r\n  url: http://b\r\n"
+    assert edit(text, a=2, b=3) == (
+        "backends:\r\n- name: a\r\n  url: http://a # x\r\n  weight: 2\r\n"
+        "- name: b\r\n  url: http://b\r\n  weight: 3\r\n"
+    )
+
+
 def test_a_flow_backend_without_weight_gets_one_at_its_end() -> None:
     after = edit(FLOW, spare=2)
     assert "{name: spare, url: http://127.0.0.1:8083, backup: true, weight: 2}]" in after
