@@ -9,7 +9,7 @@ import shlex
 import sys
 from typing import Any
 
-from tdproxy import __version__
+from tdproxy import __version__, weights
 from tdproxy.config.loader import (
     ConfigError,
     parse_config_text,
@@ -22,7 +22,6 @@ from tdproxy.config.yaml_edit import EditError
 from tdproxy.controlplane import status_client
 from tdproxy.controlplane.signals import EarlySignals, ignore_all
 from tdproxy.observability import log_output
-from tdproxy.weights import WeightsError
 
 EXIT_CANNOT_WRITE = 1
 EXIT_INVALID_CONFIG = 2
@@ -144,8 +143,6 @@ def _run(path: str) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from tdproxy import weights
-
     path = resolve_path(args.config)
     try:
         text, config = load_and_build(path)
@@ -160,7 +157,7 @@ def _weights(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
-    except (WeightsError, EditError) as exc:
+    except (weights.WeightsError, EditError) as exc:
         print(f"{path}: {exc}; the file is unchanged", file=sys.stderr)
         return EXIT_INVALID_CONFIG
     return _write_weights(args, path, text, new_text, config, new)
@@ -168,18 +165,16 @@ def _weights(args: argparse.Namespace) -> int:
 
 def _edit_checked(path: str, text: str, config: Config, new: dict[str, int]) -> str:
     """The file's text with the new weights, validated as ``tdproxy check`` would."""
-    from tdproxy import weights
-
     new_text = weights.edited_text(text, config, new)
     try:
         after = check_text(new_text, path)
     except ConfigError as exc:
-        raise WeightsError(
+        raise weights.WeightsError(
             "the new weights would make the config invalid: " + "; ".join(exc.errors)
         ) from None
     problems = weights.side_effects(config, after, new)
     if problems:
-        raise WeightsError("; ".join(problems))
+        raise weights.WeightsError("; ".join(problems))
     return new_text
 
 
@@ -191,27 +186,23 @@ def _write_weights(
     config: Config,
     new: dict[str, int],
 ) -> int:
-    from tdproxy import weights
-
-    url = status_client.status_url(config.admin)
-    before = status_client.fetch_status(url) if url and new_text != text else None
-    if new_text != text:
-        try:
-            replace_file(path, new_text)
-        except NotWritable as exc:
-            _explain_not_writable(args, exc)
-            return EXIT_CANNOT_WRITE
-    print("\n".join(weights.change_lines(config, new)))
+    lines = "\n".join(weights.change_lines(config, new))
     if new_text == text:
-        print("no change: the file is left as it is")
-    else:
-        _report_proxy(url, before, {**weights.weights_of(config), **new})
+        print(lines + "\nno change: the file is left as it is")
+        return 0
+    url = status_client.status_url(config.admin)
+    before = status_client.fetch_status(url) if url else None
+    try:
+        replace_file(path, new_text)
+    except NotWritable as exc:
+        _explain_not_writable(args, exc)
+        return EXIT_CANNOT_WRITE
+    print(lines)
+    _report_proxy(url, before, {**weights.weights_of(config), **new})
     return 0
 
 
 def _explain_not_writable(args: argparse.Namespace, exc: NotWritable) -> None:
-    from tdproxy import weights
-
     words = ["tdproxy", "weights", args.action, *getattr(args, "assignments", [])]
     hint = weights.configmap_hint(
         os.path.basename(exc.path), shlex.join(words), certain=exc.configmap
