@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.client import request
-from tests.fakes.process import LOCALHOST, REPO_ROOT, free_port, wait_for_port, wait_until
+from tests.fakes.process import (
+    LOCALHOST,
+    REPO_ROOT,
+    free_port,
+    run_tdproxy,
+    wait_for_port,
+    wait_until,
+)
 from tests.integration.test_status_page_browser import dump_dom, require_chromium
 
 READY = "Press Ctrl-C to stop."
@@ -128,3 +135,14 @@ def test_page_reloads_in_a_browser_show_both_colours(demo: Demo, tmp_path: Path)
         seen.append(heading.group(1))
     assert set(seen) == {"blue", "green"}, seen
     assert total_requests() - before == 10  # no /favicon.ico (or anything else) per load
+
+
+def test_the_printed_weights_commands_steer_the_running_demo(demo: Demo) -> None:
+    result = run_tdproxy("weights", "set", "blue=100", "green=0", "--config", str(demo.config))
+    assert result.returncode == 0, result.stderr
+    assert "applied by the running proxy" in result.stdout, result.stdout
+    assert set(environments(demo.url, 6)) == {"blue"}
+    result = run_tdproxy("weights", "swap", "--config", str(demo.config))
+    assert result.returncode == 0, result.stderr
+    assert set(environments(demo.url, 6)) == {"green"}
+    assert "# tdproxy demo" in demo.config.read_text()  # the file's comments are kept
