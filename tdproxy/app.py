@@ -31,6 +31,7 @@ from tdproxy.controlplane.reload import (
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tdproxy.controlplane.signals import HANDLED as HANDLED_SIGNALS
 from tdproxy.controlplane.signals import signal_name
+from tdproxy.controlplane.slow_start import SlowStartDriver
 from tdproxy.dataplane.context import ProxyContext, Settings
 from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.redirect import RedirectServer
@@ -68,6 +69,7 @@ class App:
         self.health = HealthChecker(
             self.router, config.health_check, on_transition=self._health_changed
         )
+        self.slow_start = SlowStartDriver(self.router)  # moves ramping backends up their ramp
         self.admin = AdminServer()
         self.watcher: ConfigWatcher | None = None
         self._applied_hash = content_hash(config_text) if config_text is not None else None
@@ -104,6 +106,7 @@ class App:
             )
             await self.redirect.start()
         self.health.start()
+        self.slow_start.start()
         await self.admin.start(self, config.admin.address, config.admin.port)
         if self.config_path is not None:
             self.watcher = ConfigWatcher(self.config_path, lambda text: self.reload("file", text))
@@ -178,6 +181,7 @@ class App:
         if self.entrypoint is not None:
             await self.entrypoint.shutdown(grace)
         await self.health.stop()
+        await self.slow_start.stop()
         await self.admin.stop()
         log.info("stopped")
 
@@ -273,7 +277,7 @@ class App:
         kept_out = self.health.admit(unchecked, results)
         before = _split(self.router.table)
         table = prepared.table
-        table.refresh()  # health may have changed while the table was built and checked
+        # install() refreshes the table: health may have changed while it was built and checked.
         self.router.install(table, prepared.commit)
         self._apply_settings(prepared.config)
         self.config = prepared.config

@@ -93,6 +93,8 @@ class Routing(_Model):
     override_header: Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] | None = None
     override_cookie: Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")] | None = None
     when_all_down: Literal["fail_open", "reject"] = "fail_open"
+    # A backend coming back up, added or raised from weight 0 ramps 10 % -> 100 %; null = off.
+    slow_start: Duration | None = None
 
 
 class Backend(_Model):

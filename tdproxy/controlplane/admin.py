@@ -101,6 +101,7 @@ class BackendStatus(TypedDict):
     name: str
     url: str
     weight: int
+    effective_weight: float  # the weight after slow start (= weight when not ramping)
     backup: bool
     configured_share: float  # 0..1 of the traffic the config asks for (0 for a backup)
     observed_share: float  # 0..1 of the requests answered over the last 60 s
@@ -226,7 +227,7 @@ def build_status(source: AdminSource, window: RecentWindow, now: float | None = 
     recent = window.recent(source.router)
     eligible = {target.name for target in table.eligible()}
     backends = [
-        _backend_status(target, configured, observed, recent.get(target.name), eligible, now)
+        _backend_status(table, target, configured, observed, recent.get(target.name), eligible, now)
         for target in table.targets
     ]
     last = history.last
@@ -252,6 +253,7 @@ def build_status(source: AdminSource, window: RecentWindow, now: float | None = 
 
 
 def _backend_status(
+    table: RoutingTable,
     target: Target,
     configured: dict[str, float],
     observed: dict[str, float],
@@ -266,6 +268,7 @@ def _backend_status(
         "name": target.name,
         "url": target.backend.url,
         "weight": target.weight,
+        "effective_weight": table.effective_weight(target),
         "backup": target.backup,
         "configured_share": configured[target.name],
         "observed_share": observed[target.name],

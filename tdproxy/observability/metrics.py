@@ -3,9 +3,10 @@
 The data plane only bumps plain integers on :class:`~tdproxy.routing.state.BackendState`
 (status counts, error kinds, retries, per-bucket duration counts, the 60-second request ring).
 :class:`TdproxyCollector` turns those into metric families at scrape time: it cumulates the
-duration buckets, derives the observed traffic share and reads the configured weights from the
-current routing table. Labels come only from config names (backend names) and from fixed sets
-chosen by tdproxy (error kinds, check results, reload results), never from request data.
+duration buckets, derives the observed traffic share and reads the configured weights (and the
+weights after slow start that the rotation uses now) from the current routing table. Labels
+come only from config names (backend names) and from fixed sets chosen by tdproxy (error kinds,
+check results, reload results), never from request data.
 The count of dropped log lines is process-wide and comes from
 :mod:`tdproxy.observability.log_output`.
 
@@ -34,7 +35,7 @@ from tdproxy.controlplane.reload_state import ReloadHistory
 from tdproxy.observability import log_output
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import DURATION_BUCKETS
-from tdproxy.routing.table import Target
+from tdproxy.routing.table import RoutingTable, Target
 
 # Error kinds always exported (at 0 until seen), so rate() works before the first failure.
 KNOWN_ERROR_KINDS = ("connect", "timeout", "reset")
@@ -75,7 +76,7 @@ class TdproxyCollector:
         targets = source.router.table.targets
         yield from self._request_families(targets)
         yield self._unrouted_family(source)
-        yield from self._backend_gauges(targets)
+        yield from self._backend_gauges(source.router.table)
         yield from self._failure_families(targets)
         yield from self._process_families(source)
 
@@ -112,7 +113,8 @@ class TdproxyCollector:
             unrouted.add_metric([str(code)], count)
         return unrouted
 
-    def _backend_gauges(self, targets: Sequence[Target]) -> Iterator[Metric]:
+    def _backend_gauges(self, table: RoutingTable) -> Iterator[Metric]:
+        targets = table.targets
         share = GaugeMetricFamily(
             "tdproxy_backend_traffic_share",
             "Share (0..1) of the requests answered over the last 60 s that this backend served.",
@@ -120,6 +122,12 @@ class TdproxyCollector:
         )
         weight = GaugeMetricFamily(
             "tdproxy_backend_weight", "Configured weight of the backend.", labels=["backend"]
+        )
+        effective = GaugeMetricFamily(
+            "tdproxy_backend_effective_weight",
+            "Weight the rotation gives the backend now: the configured weight, or during slow "
+            "start the part of it its ramp has reached.",
+            labels=["backend"],
         )
         up = GaugeMetricFamily(
             "tdproxy_backend_up", "1 when the backend is healthy, 0 when not.", labels=["backend"]
@@ -132,9 +140,10 @@ class TdproxyCollector:
             state = target.state
             share.add_metric([target.name], shares[target.name])
             weight.add_metric([target.name], target.weight)
+            effective.add_metric([target.name], table.effective_weight(target))
             up.add_metric([target.name], 1 if state.healthy else 0)
             in_flight.add_metric([target.name], state.in_flight)
-        yield from (share, weight, up, in_flight)
+        yield from (share, weight, effective, up, in_flight)
 
     def _failure_families(self, targets: Sequence[Target]) -> Iterator[Metric]:
         errors = CounterMetricFamily(

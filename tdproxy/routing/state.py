@@ -3,6 +3,11 @@
 A :class:`BackendState` outlives config generations: a reload that keeps a backend (matched by
 name) hands the same object to the new routing table, so health, passive-failure counts and
 counters carry over. Plain integers only, so the hot path pays a few increments per request.
+
+``ramp_started`` is when the backend last came into service (back up after being down, or added
+or raised from weight 0 by a reload): the start of its slow-start ramp, whose length is
+configured (``routing.slow_start``; see :mod:`tdproxy.routing.slow_start`). None since the
+process started, and while the backend is down.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class BackendState:
         "healthy",
         "in_flight",
         "name",
+        "ramp_started",
         "requests",
         "retries",
     )
@@ -40,6 +46,7 @@ class BackendState:
         self.healthy = healthy
         self.health_changed_at = time.time()
         self.health_reason = "initial"
+        self.ramp_started: float | None = None  # monotonic seconds; None = not ramping
         self.consecutive_failures = 0  # passive: connect errors / timeouts on real traffic
         self.in_flight = 0
         self.requests: dict[int, int] = {}  # status code -> count
@@ -87,15 +94,24 @@ class BackendState:
         )
 
     def set_health(
-        self, healthy: bool, reason: str, clock: Callable[[], float] = time.time
+        self,
+        healthy: bool,
+        reason: str,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> bool:
-        """Change health; return True when it actually changed."""
+        """Change health; return True when it actually changed. Coming back up starts a ramp."""
         if healthy == self.healthy:
             return False
         self.healthy = healthy
         self.health_reason = reason
         self.health_changed_at = clock()
+        self.ramp_started = monotonic() if healthy else None
         return True
+
+    def start_ramp(self, now: float) -> None:
+        """The backend comes into service at ``now`` (monotonic): added or raised from weight 0."""
+        self.ramp_started = now
 
     def __repr__(self) -> str:
         health = "up" if self.healthy else "down"

@@ -11,15 +11,23 @@ The weighted rotation is one cycle, not restarted by accident: a refresh whose e
 and weights are the ones already in rotation keeps the selector as it is, and a new table with
 the same rotation goes on from the old one's position (:meth:`RoutingTable.continue_rotation`).
 A retry peeks at the rotation instead of picking from it, so it does not take anyone's turn.
+
+Slow start (:mod:`tdproxy.routing.slow_start`): a refresh gives each backend the weight its ramp
+allows at that moment (``Target.rotation_weight``, scaled with the rest of the table while any
+ramp lasts) and sets ``ramp_ends``; while that is set, something must call refresh again on a
+coarse schedule (the control plane's ``SlowStartDriver``), each step changing the weights and so
+rebuilding the selector. Sticky pins and overrides ignore weights, so a ramp never moves them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from tdproxy.config.model import Backend, Config
 from tdproxy.routing.selection import WeightedSelector
+from tdproxy.routing.slow_start import RAMP_SCALE, ramp_fraction, selector_weight
 from tdproxy.routing.state import BackendState
 from tdproxy.routing.sticky import StickyCodec, cookie_value, set_cookie_header
 
@@ -37,6 +45,7 @@ class Target:
         "endpoint",
         "host_header",
         "name",
+        "rotation_weight",
         "set_cookie",
         "state",
         "weight",
@@ -46,6 +55,7 @@ class Target:
         self.backend = backend
         self.name = backend.name
         self.weight = backend.weight
+        self.rotation_weight = backend.weight  # the selector's weight: after slow start, scaled
         self.backup = backend.backup
         self.state = state
         self.endpoint = endpoint
@@ -76,7 +86,9 @@ class RoutingTable:
         "generation",
         "method",
         "override_header",
+        "ramp_ends",
         "reject_when_down",
+        "scale",
         "sticky",
         "targets",
     )
@@ -119,16 +131,21 @@ class RoutingTable:
         self._override_cookie = cookie.encode() if cookie else None
         self._overrides = self.override_header is not None or self._override_cookie is not None
         self.all_down = False
+        self.scale = 1  # rotation weights are configured weights times this (slow start: 10)
+        self.ramp_ends: float | None = None  # monotonic time the last ramp ends; None: none
         self._selector: WeightedSelector[Target] = WeightedSelector(())
         self._rotation: tuple[tuple[str, int], ...] | None = None  # what _selector rotates over
         self.refresh()
 
     # -- eligibility ---------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Rebuild the selector from current health (call after any health change). When the
-        eligible backends and their weights are unchanged, the selector and its position in
-        the rotation are kept: a flip elsewhere (a backup, a drained backend) moves nothing."""
+    def refresh(self, now: float | None = None) -> None:
+        """Rebuild the selector from current health and slow-start ramps (call after any health
+        change, and while ``ramp_ends`` is set, every ramp step). ``now`` is monotonic seconds.
+        When the eligible backends and their weights are unchanged, the selector and its
+        position in the rotation are kept: a flip elsewhere (a backup, a drained backend) moves
+        nothing."""
+        self._ramp(time.monotonic() if now is None else now)
         healthy_main = [t for t in self.targets if t.state.healthy and not t.backup]
         healthy_backup = [t for t in self.targets if t.state.healthy and t.backup]
         self.all_down = not healthy_main and not healthy_backup
@@ -137,6 +154,30 @@ class RoutingTable:
         if rotation != self._rotation:
             self._selector = WeightedSelector(entries)
             self._rotation = rotation
+
+    def _ramp(self, now: float) -> None:
+        """Set every target's rotation weight for ``now``, and ``scale`` and ``ramp_ends``."""
+        # Failover ignores weights: there is nothing to ramp.
+        window = self.config.routing.slow_start if self.method != "failover" else None
+        fractions = {
+            target: ramp_fraction(target.state.ramp_started, window, now)
+            if target.state.healthy and target.weight > 0
+            else 1.0
+            for target in self.targets
+        }
+        ramping = [target for target, fraction in fractions.items() if fraction < 1.0]
+        self.scale = RAMP_SCALE if ramping else 1
+        for target, fraction in fractions.items():
+            target.rotation_weight = selector_weight(target.weight, fraction, self.scale)
+        if ramping and window is not None:
+            self.ramp_ends = max(t.state.ramp_started or now for t in ramping) + window
+        else:
+            self.ramp_ends = None
+
+    def effective_weight(self, target: Target) -> float:
+        """``target``'s weight after slow start, in configured units (the configured weight
+        when it is not ramping): what the rotation gives it now, relative to the others'."""
+        return target.rotation_weight / self.scale
 
     def _entries(
         self, healthy_main: list[Target], healthy_backup: list[Target]
@@ -147,7 +188,7 @@ class RoutingTable:
             if not chosen and not self.reject_when_down:
                 chosen = [t for t in self.targets if not t.backup][:1]
             return [(t, 1) for t in chosen]
-        entries = [(t, t.weight) for t in healthy_main if t.weight > 0]
+        entries = [(t, t.rotation_weight) for t in healthy_main if t.weight > 0]
         if not entries and healthy_main:
             # Only drained (weight 0) backends are healthy: they serve rather than nobody.
             entries = [(t, 1) for t in healthy_main]
@@ -155,7 +196,9 @@ class RoutingTable:
             entries = _weighted_or_equal(healthy_backup)
         if not entries and not self.reject_when_down:
             # Every weighted backend is marked down: try them anyway (the checks may be wrong).
-            entries = [(t, t.weight) for t in self.targets if not t.backup and t.weight > 0]
+            entries = [
+                (t, t.rotation_weight) for t in self.targets if not t.backup and t.weight > 0
+            ]
             entries = entries or _weighted_or_equal([t for t in self.targets if not t.backup])
         return entries
 
@@ -250,5 +293,5 @@ class RoutingTable:
 
 def _weighted_or_equal(targets: list[Target]) -> list[tuple[Target, int]]:
     if any(t.weight > 0 for t in targets):
-        return [(t, t.weight) for t in targets if t.weight > 0]
+        return [(t, t.rotation_weight) for t in targets if t.weight > 0]
     return [(t, 1) for t in targets]

@@ -229,6 +229,8 @@ async def test_status_json_describes_config_and_observations(
     b, g, s = backends["blue"], backends["green"], backends["spare"]
     assert b["url"] == "http://127.0.0.1:9001"
     assert (b["weight"], b["backup"], s["backup"]) == (70, False, True)
+    # No slow start: the weight after it is the configured one.
+    assert [x["effective_weight"] for x in (b, g, s)] == [70, 30, 1]
     assert b["configured_share"] == pytest.approx(0.7)
     assert g["configured_share"] == pytest.approx(0.3)
     assert s["configured_share"] == 0

@@ -93,6 +93,7 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
         "tdproxy_request_duration_seconds": ("histogram", {"backend"}),
         "tdproxy_backend_traffic_share": ("gauge", {"backend"}),
         "tdproxy_backend_weight": ("gauge", {"backend"}),
+        "tdproxy_backend_effective_weight": ("gauge", {"backend"}),
         "tdproxy_backend_up": ("gauge", {"backend"}),
         "tdproxy_backend_in_flight": ("gauge", {"backend"}),
         "tdproxy_upstream_errors": ("counter", {"backend", "kind"}),
@@ -212,6 +213,28 @@ def test_backend_gauges_follow_config_and_state(
     assert value(registry, "tdproxy_backend_up", backend="green") == 0
     assert value(registry, "tdproxy_backend_in_flight", backend="blue") == 4
     assert value(registry, "tdproxy_backend_in_flight", backend="green") == 0
+
+
+def test_effective_weight_shows_the_slow_start_ramp() -> None:
+    source = Source(make_config(routing={"slow_start": "10s"}))
+    registry = build_registry(source, clock=lambda: NOW)
+
+    def effective(backend: str) -> float | None:
+        return value(registry, "tdproxy_backend_effective_weight", backend=backend)
+
+    # Slow start on, nothing ramping (not at start): effective = configured.
+    assert [effective(n) for n in ("blue", "green", "spare")] == [70, 30, 0]
+    green = source.router.states["green"]
+    green.set_health(False, "test")
+    green.set_health(True, "test")  # back up: its ramp starts at 10 %
+    assert green.ramp_started is not None
+    source.router.table.refresh(now=green.ramp_started)
+    assert effective("green") == 3  # 10 % of 30
+    assert effective("blue") == 70
+    source.router.table.refresh(now=green.ramp_started + 5)
+    assert effective("green") == pytest.approx(16.5)  # 55 % of 30
+    source.router.table.refresh(now=green.ramp_started + 10)
+    assert effective("green") == 30
 
 
 def test_failures_retries_and_health_checks(source: Source, registry: CollectorRegistry) -> None:
