@@ -139,6 +139,18 @@ def dump_dom(binary: str, profile: Path, url: str) -> str:
         return chromium.output()
 
 
+def take_screenshot(binary: str, profile: Path, url: str, name: str, height: int) -> Path:
+    """A 1280-pixel-wide screenshot of ``url``, saved as ``test-artifacts/<name>``."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / name
+    screenshot.unlink(missing_ok=True)
+    with Chromium(
+        binary, profile, url, f"--screenshot={screenshot}", f"--window-size=1280,{height}"
+    ) as run:
+        run.output()
+    return screenshot
+
+
 # -- reading the rendered page ---------------------------------------------------------------
 
 
@@ -425,17 +437,9 @@ def test_status_page_in_chromium_shows_the_status_api_numbers(
     assert dom.backends["red"]["healthy"].text == "up"
 
     # 3. A screenshot for people to look at.
-    ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "status-page.png"
-    screenshot.unlink(missing_ok=True)
-    with Chromium(
-        chromium,
-        tmp_path / "screenshot",
-        proxy.admin_url + "/status",
-        f"--screenshot={screenshot}",
-        "--window-size=1280,900",
-    ) as run:
-        run.output()
+    screenshot = take_screenshot(
+        chromium, tmp_path / "screenshot", proxy.admin_url + "/status", "status-page.png", 900
+    )
     data = screenshot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n"), data[:16]
     assert len(data) > 10 * 1024, f"screenshot is only {len(data)} bytes"
@@ -579,17 +583,13 @@ def test_status_page_charts_the_observed_split_and_lists_the_changes(
     assert dom.change_rows[0][4] == "orange 50% -> 90%, purple 50% -> 10%"
 
     # 2. The screenshot shows both series, their last points as far apart as the shares are.
-    ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "status-page-chart.png"
-    screenshot.unlink(missing_ok=True)
-    with Chromium(
+    screenshot = take_screenshot(
         chromium,
         tmp_path / "screenshot",
         proxy.admin_url + "/status",
-        f"--screenshot={screenshot}",
-        "--window-size=1280,1400",
-    ) as run:
-        run.output()
+        "status-page-chart.png",
+        1400,
+    )
     _, _, rows = read_png(screenshot.read_bytes())
     ends = {}
     for name, colour in chart.colours(["orange", "purple"]).items():
