@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from tdproxy.config.model import Config
 from tdproxy.config.yaml_edit import set_weights
+from tdproxy.controlplane.changes import percent as share_percent
 
 MAX_WEIGHT = 1_000_000
 
@@ -108,7 +109,7 @@ def percent(share: float | None) -> str:
         return "<0.1%"
     if 99.9 < value < 100:
         return ">99.9%"
-    return f"{value:.1f}".removesuffix(".0") + "%"
+    return share_percent(share)
 
 
 def _failover_note(config: Config) -> list[str]:

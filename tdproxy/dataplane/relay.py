@@ -26,7 +26,6 @@ from tdproxy.dataplane.exchange import RESP_CHUNKED, RESP_CLOSE, RESP_NONE, Exch
 from tdproxy.dataplane.http import CRLF, HOP_BY_HOP, LAST_CHUNK, status_line
 from tdproxy.dataplane.lifecycle import (
     ABORTED,
-    CONNECTING,
     DONE,
     RELAYING,
     TUNNEL,
@@ -286,12 +285,11 @@ class ResponseRelay(ClientIO):
         return True
 
     def check_exchange_deadline(self, exchange: Exchange) -> None:
-        """The active exchange's deadline passed: its phase took too long."""
+        """The active exchange's deadline passed: its phase took too long. Only the phases
+        with an upstream set one (CONNECTING is bounded by its connect task)."""
         up = exchange.upstream
         if up is not None:
             self.upstream_failed(up, "timeout")
-        elif exchange.state == CONNECTING:
-            exchange.deadline = INF  # the connect task ends by itself (timeouts.connect)
         else:
             self.bug(f"deadline of an exchange in state {exchange_state_name(exchange.state)}")
 
