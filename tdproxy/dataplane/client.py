@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from typing import cast
 
@@ -54,7 +53,7 @@ from tdproxy.dataplane.client_io import (
     PAUSE_UPSTREAM,
 )
 from tdproxy.dataplane.context import ProxyContext
-from tdproxy.dataplane.dispatch import REPLAY_LIMIT, BackendDispatch
+from tdproxy.dataplane.dispatch import REPLAY_LIMIT, BackendDispatch, account
 from tdproxy.dataplane.exchange import (
     BODY_CHUNKED,
     BODY_NONE,
@@ -134,12 +133,27 @@ class ClientConnection(BackendDispatch, ResponseRelay):
             self.transport.abort()
             self.lost()
             return
-        ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
         self._peer_fields = PeerFields(self.peer, ctx.scheme)
+        if ctx.http2 and _chose_h2(transport):
+            self._become_h2()
+            return
+        ctx.connections.add(self)
         self.deadline = ctx.clock.now + ctx.settings.idle
+
+    def _become_h2(self) -> None:
+        """The client chose HTTP/2 by ALPN: an H2ClientConnection takes the transport."""
+        from tdproxy.dataplane.h2_server import H2ClientConnection
+
+        transport = self.transport
+        assert transport is not None
+        h2 = H2ClientConnection(self.ctx, self.peer, self._peer_fields)
+        self.transport = None
+        self.state = CLOSED
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         self.progress = self.ctx.clock.now
@@ -475,20 +489,7 @@ class ClientConnection(BackendDispatch, ResponseRelay):
             return
         exchange.deadline = INF
         ctx = self.ctx
-        status = exchange.status
-        target = exchange.target_backend
-        if target is not None:
-            target_state = target.state
-            exchange.end_attempt()
-            target_state.record_response(
-                status, ctx.clock.second, time.monotonic() - exchange.monotonic_start
-            )
-            if not exchange.generated:
-                target_state.consecutive_failures = 0
-        else:
-            ctx.count_unrouted(status)
-        if ctx.access_log is not None:
-            ctx.access_log.log(exchange, self.peer, status, ctx.clock)
+        account(ctx, exchange, self.peer)
         if exchange is self._active:
             self._active = None
         if self._pause_bits & PAUSE_UPSTREAM:
@@ -639,6 +640,11 @@ class ClientConnection(BackendDispatch, ResponseRelay):
             f"<ClientConnection {self.peer.decode()} {connection_state_name(self.state)} "
             f"active={self._active!r} queued={len(self._queue)}>"
         )
+
+
+def _chose_h2(transport: asyncio.BaseTransport) -> bool:
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
 
 
 class _Reject(Exception):

@@ -11,18 +11,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from tdproxy.dataplane.client_io import INF, PAUSE_BUFFER
 from tdproxy.dataplane.context import ProxyContext
 from tdproxy.dataplane.exchange import EXCHANGE_NEXT, Exchange
-from tdproxy.dataplane.lifecycle import CONNECTING, WAITING, exchange_state_name
+from tdproxy.dataplane.lifecycle import CONNECTING, RELAYING, WAITING, exchange_state_name
 from tdproxy.dataplane.upstream import UpstreamClient, UpstreamConnection
 from tdproxy.routing.table import Target
 
 log = logging.getLogger("tdproxy.dataplane")
 
 REPLAY_LIMIT = 64 * 1024
+
+
+def account(ctx: ProxyContext, exchange: Exchange, peer: bytes) -> None:
+    """An exchange ended: count it for its backend (or as unrouted) and log it."""
+    status = exchange.status
+    target = exchange.target_backend
+    if target is not None:
+        target_state = target.state
+        exchange.end_attempt()
+        target_state.record_response(
+            status, ctx.clock.second, time.monotonic() - exchange.monotonic_start
+        )
+        if not exchange.generated:
+            target_state.consecutive_failures = 0
+    else:
+        ctx.count_unrouted(status)
+    if ctx.access_log is not None:
+        ctx.access_log.log(exchange, peer, status, ctx.clock)
 
 
 class BackendDispatch:
@@ -38,6 +57,8 @@ class BackendDispatch:
         def bug(self, what: str) -> None: ...
         def _set_pause(self, bit: int, on: bool) -> None: ...
         def _respond_error(self, exchange: Exchange, code: int) -> None: ...
+        def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None: ...
+        def upstream_failed(self, up: UpstreamConnection, kind: str) -> None: ...
 
     # -- choosing a backend and connecting -----------------------------------------------
 
@@ -168,3 +189,27 @@ class BackendDispatch:
             exchange.set_cookie = target.set_cookie
         self._dispatch(exchange, target)
         return True
+
+    # -- the backend connection ended -------------------------------------------------------
+
+    def upstream_lost(self, up: UpstreamConnection) -> None:
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up:
+            self.bug("an upstream this connection does not hold was lost")
+            return
+        if exchange.state == RELAYING and exchange.until_close and up.eof:
+            # Read-until-close framing: a clean end of the connection is the end of the body.
+            # A reset is not: that body is cut short and must not look complete.
+            self.upstream_done(up, False)
+            return
+        if exchange.state == WAITING and up.reused and not up.got_bytes and exchange.replayable():
+            # A pooled connection the backend had already closed: try again, same backend.
+            exchange.upstream = None
+            target = exchange.target_backend
+            assert target is not None
+            exchange.tried.remove(target)
+            exchange.end_attempt()
+            exchange.body = exchange.take_replay()
+            self._dispatch(exchange, target)
+            return
+        self.upstream_failed(up, "reset")
