@@ -50,6 +50,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from tdproxy.dataplane.client_io import INF
 from tdproxy.dataplane.context import ProxyContext
@@ -260,11 +261,12 @@ class H2ClientConnection(asyncio.Protocol):
         elif not self.streams:
             self.close()
 
-    def stream_done(self, stream: H2Stream) -> None:
-        """The stream is over here (answered, reset, or lost)."""
+    def stream_done(self, stream: H2Stream, answered: bool) -> None:
+        """The stream is over here: ``answered`` in full, or reset or lost."""
         if self.streams.pop(stream.id, None) is None:
             return
-        self.answered += 1
+        if answered:
+            self.answered += 1
         if not self.streams:
             if self.going_away or self.ctx.shutting_down:
                 self.close()
@@ -314,8 +316,11 @@ class H2ClientConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Close once what is owed has been written (the last stream's frames may still be
+        in h2's buffer); CLOSING is bounded by client_send."""
         if self.closed:
             return
+        self.flush()
         self.closed = True
         for stream in list(self.streams.values()):
             stream.lost()
@@ -335,11 +340,13 @@ class H2ClientConnection(asyncio.Protocol):
         if self.closed or self.going_away:
             return
         self.going_away = True
-        with contextlib.suppress(ProtocolError):
-            self.h2.close_connection(
-                ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id
-            )
         self.flush()
+        # Written by hand: h2's close_connection would also forbid the frames still owed to
+        # the streams in flight. Streams the client opens after this are refused.
+        goaway = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(goaway.serialize())
         if not self.streams:
             self.close()
 

@@ -482,12 +482,12 @@ class H2Stream(BackendDispatch):
         if not self.exchange.request_done and self._active is None:
             # Answered before the client finished its body: tell it to stop (RFC 9113 §8.1).
             conn.reset_stream(self.id, ErrorCodes.NO_ERROR)
-        self._close()
+        self._close(answered=True)
 
-    def _close(self) -> None:
+    def _close(self, answered: bool = False) -> None:
         if not self.closed:
             self.closed = True
-            self.conn.stream_done(self)
+            self.conn.stream_done(self, answered)
 
     # -- ending ---------------------------------------------------------------------------------
 
