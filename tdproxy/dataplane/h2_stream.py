@@ -216,7 +216,8 @@ class H2Stream(BackendDispatch):
             self.conn.acknowledge(self.id, flow_length)
             self._refuse(413)
             return
-        self.body_deadline = now + self.ctx.settings.client_body
+        if not self.upstream_paused:
+            self.body_deadline = now + self.ctx.settings.client_body
         if exchange.body_mode == BODY_CHUNKED:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         up = exchange.upstream
@@ -360,6 +361,11 @@ class H2Stream(BackendDispatch):
         meanwhile, and give the backend ``response_header`` to take what waits."""
         self.upstream_paused = paused
         exchange = self._active
+        if exchange is not None and not exchange.request_done:
+            # The client cannot send while its window is held: not the client's delay.
+            self.body_deadline = (
+                INF if paused else self.ctx.clock.now + self.ctx.settings.client_body
+            )
         if not paused and self.unacked:
             self._acknowledge_body()
             self.conn.flush()

@@ -326,6 +326,8 @@ def test_request_body_is_acknowledged_only_as_the_backend_takes_it(h2rig: H2Rig)
     window = h2rig.client.local_flow_control_window(stream_id)
     [stream] = h2rig.conn.streams.values()
     assert stream.unacked == 12 * 16384  # held: the client may not send more meanwhile
+    h2rig.advance(4.5)  # past client_body: the backend holds the client back, no 408
+    assert not h2rig.of(ResponseReceived, stream_id)
     up.resume_writing()
     h2rig.pump()
     assert stream.unacked == 0
