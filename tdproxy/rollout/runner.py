@@ -315,6 +315,9 @@ class Rollout:
         problem = self._write(step.weights)
         if problem is not None:
             return f"{self._label(step)}: {problem}"
+        self.reporter.event_json_only(
+            "written", step=step.number, of=len(self.plan.steps), weights=step.weights
+        )
         looks = self._wait_applied(step)
         if isinstance(looks, str):
             return looks
