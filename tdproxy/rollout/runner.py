@@ -322,10 +322,11 @@ class Rollout:
         if isinstance(looks, str):
             return looks
         generations = {proxy.url: looks[proxy.url].generation for proxy in self.proxies}
+        others = {name: w for name, w in step.weights.items() if name != self.plan.to}
         shown = sorted(set(generations.values()))
         self.reporter.event(
             "applied",
-            f"{self._label(step)}  {weights_text(step.weights)}  applied "
+            f"{self._label(step)}  {weights_text(others)}  applied "
             f"(generation {', '.join(map(str, shown))})",
             step=step.number,
             of=len(self.plan.steps),
