@@ -250,6 +250,7 @@ def test_a_healthy_rollout_reaches_100_in_steps_times_interval(proxy: ProxyProce
     assert proxy.config_path.read_text() == expected
     assert reported_weights(proxy.admin_url) == PROMOTED
     assert _change_triggers(proxy)[:4] == ["file"] * 4
+    assert client.metric(proxy.admin_url, "tdproxy_config_generation") == 5  # start + 4 steps
 
 
 def _change_triggers(proxy: ProxyProcess) -> list[str]:
