@@ -395,8 +395,13 @@ class Rollout:
         latest = dict(baseline)
         misses = dict.fromkeys(latest, 0)
         window = Counters()
+        complete = True
         while True:
-            until = min(self.clock() + LOOK_SECONDS, end)
+            # After a look that missed a proxy, wait a whole period even past the end, so that
+            # "unreachable" always means UNREACHABLE_LOOKS periods without an answer.
+            until = self.clock() + LOOK_SECONDS
+            if complete:
+                until = min(until, end)
             if not self._pause_until(until, step, start, end, window):
                 return self._interrupted_reason(step)
             problem, complete = self._look_all(latest, misses)
