@@ -37,6 +37,23 @@ def _json(value: bytes | None) -> str:
     return encode_basestring_ascii(value.decode("latin-1")) if value is not None else "null"
 
 
+# Values that repeat from request to request (client addresses, Host, User-Agent, method) are
+# escaped once and then looked up; each cache is bounded (cleared when full), so a client that
+# sends a new User-Agent every time costs the escaping it would cost anyway, and no memory.
+CACHE_LIMIT = 512
+
+
+def _cached_json(cache: dict[bytes, str], value: bytes | None) -> str:
+    if value is None:
+        return "null"
+    found = cache.get(value)
+    if found is None:
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        found = cache[value] = encode_basestring_ascii(value.decode("latin-1"))
+    return found
+
+
 def _hex_escape(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02X}"
 
@@ -54,11 +71,15 @@ def _text(value: bytes | None) -> str:
 
 class AccessLog:
     __slots__ = (
+        "_agents",
         "_backend_json",
+        "_hosts",
         "_line",
+        "_peers",
         "_pending",
         "_stamp",
         "_stamp_second",
+        "_strings",
         "_writer",
         "format",
     )
@@ -70,6 +91,10 @@ class AccessLog:
         self._stamp_second = -1
         self._stamp = ""
         self._backend_json: dict[str, str] = {}
+        self._peers: dict[bytes, str] = {}
+        self._hosts: dict[bytes, str] = {}
+        self._agents: dict[bytes, str] = {}
+        self._strings: dict[str, str] = {}  # method and version
         self._line = self._json_line if fmt == "json" else self._combined_line
 
     def log(self, exchange: Exchange, peer: bytes, status: int, clock: Clock) -> None:
@@ -100,20 +125,30 @@ class AccessLog:
             backend = "null"
         else:
             backend = self._backend_json.get(target.name) or self._remember(target.name)
+        strings = self._strings
+        method = strings.get(exchange.method) or self._string(exchange.method)
+        version = strings.get(exchange.version) or self._string(exchange.version)
         return (
             f'{{"time":"{self._timestamp(clock.second)}",'
-            f'"remote":{encode_basestring_ascii(peer.decode("latin-1"))},'
-            f'"method":{encode_basestring_ascii(exchange.method)},'
+            f'"remote":{_cached_json(self._peers, peer)},'
+            f'"method":{method},'
             f'"target":{_json(exchange.target)},'
-            f'"version":{encode_basestring_ascii(exchange.version)},'
-            f'"host":{_json(exchange.host)},'
+            f'"version":{version},'
+            f'"host":{_cached_json(self._hosts, exchange.host)},'
             f'"status":{status},'
             f'"bytes":{exchange.response_bytes},'
-            f'"duration_ms":{round(duration * 1000, 3)!r},'
+            f'"duration_ms":{duration * 1000:.3f},'
             f'"backend":{backend},'
             f'"attempts":{len(exchange.tried)},'
-            f'"user_agent":{_json(exchange.field(b"user-agent"))}}}'
+            f'"user_agent":{_cached_json(self._agents, exchange.field(b"user-agent"))}}}'
         )
+
+    def _string(self, value: str) -> str:
+        strings = self._strings
+        if len(strings) >= CACHE_LIMIT:
+            strings.clear()
+        encoded = strings[value] = encode_basestring_ascii(value)
+        return encoded
 
     def _remember(self, name: str) -> str:
         encoded = self._backend_json[name] = encode_basestring_ascii(name)
