@@ -11,6 +11,7 @@ yardstick for hot-path changes (``run.py`` measures the whole thing against ngin
     python3 benchmarks/hotpath.py --profile       # also the top functions by own time (cProfile)
     python3 benchmarks/hotpath.py --show          # print what goes out on each side, once
     python3 benchmarks/hotpath.py --access-log json   # with the access log on
+    python3 benchmarks/hotpath.py --new-connections   # a connection per request
 
 For line-level sampling, run it under ``py-spy record --format raw``.
 """
@@ -47,6 +48,7 @@ access_log: {enabled: false}
 health_check: {enabled: false}
 """
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n"
+CLOSE_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18080\r\nConnection: close\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 19:40:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n"
@@ -92,7 +94,10 @@ class MemoryTransport:
 
 
 class Rig:
-    def __init__(self, show: bool = False, access_log: str = "off") -> None:
+    def __init__(
+        self, show: bool = False, access_log: str = "off", new_connections: bool = False
+    ) -> None:
+        self.new_connections = new_connections
         config = parse_config_text(CONFIG)
         self.loop = asyncio.new_event_loop()
         endpoints = Endpoints()
@@ -103,7 +108,7 @@ class Rig:
             # The real writer thread, writing to /dev/null: its share of the GIL counts too.
             self.devnull = os.open(os.devnull, os.O_WRONLY)
             self.log = AccessLog(access_log, LogWriter(self.devnull, "bench"))
-        ctx = ProxyContext(
+        ctx = self.ctx = ProxyContext(
             self.loop, router, config, self.log, lambda target, kind: None, endpoints
         )
         self.served = 0
@@ -116,6 +121,9 @@ class Rig:
         self.client.connection_made(self.client_transport)  # type: ignore[arg-type]
 
     def one(self) -> None:
+        if self.new_connections:
+            self.one_connection()
+            return
         self.client.data_received(REQUEST)
         active = self.client._active
         assert active is not None and active.upstream is not None, "request not dispatched"
@@ -123,6 +131,18 @@ class Rig:
         self.served += 1
         if self.log is not None and self.served % 1000 == 0:
             self.log.flush()  # the sweeper's job, every quarter second in the proxy
+
+    def one_connection(self) -> None:
+        """A connection per request, as ``wrk -H 'Connection: close'`` makes them: accepted,
+        one request answered, closed."""
+        client = ClientConnection(self.ctx)
+        client.connection_made(self.client_transport)  # type: ignore[arg-type]
+        client.data_received(CLOSE_REQUEST)
+        active = client._active
+        assert active is not None and active.upstream is not None, "request not dispatched"
+        active.upstream.data_received(RESPONSE)
+        client.connection_lost(None)
+        self.served += 1
 
     def close(self) -> None:
         self.loop.close()
@@ -157,13 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="with the access log on (written by its thread to /dev/null)",
     )
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="a new client connection per request (Connection: close), as wrk -H does",
+    )
     args = parser.parse_args(argv)
     if args.show:
         rig = Rig(show=True)
         rig.one()
         rig.close()
         return 0
-    rig = Rig(access_log=args.access_log)
+    rig = Rig(access_log=args.access_log, new_connections=args.new_connections)
     try:
         best = measure(rig, args.requests, args.repeats)
         sent = rig.client_transport.sent
