@@ -48,6 +48,7 @@ class Init(NamedTuple):
     generation: int
     states: HealthStates
     port: int  # the entrypoint port (resolved when the config says 0)
+    workers: int  # how many there are: limits.max_connections is shared out among them
 
 
 class Prepare(NamedTuple):

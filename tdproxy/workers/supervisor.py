@@ -34,6 +34,7 @@ import logging
 
 from tdproxy.app import App, _Prepared
 from tdproxy.config.model import Config
+from tdproxy.observability import log_output
 from tdproxy.routing.router import Router
 from tdproxy.workers.messages import BackendHealth, HealthStates, ReloadTls
 from tdproxy.workers.pool import WorkerPool
@@ -70,6 +71,7 @@ class Supervisor(App):
 
     async def _start_data_plane(self) -> None:
         log.info("starting %d worker processes", self.pool.count)
+        log_output.share_outputs()  # the workers write to the same stdout and stderr
         await self.pool.start()
 
     async def _stop_data_plane(self, grace: float) -> None:

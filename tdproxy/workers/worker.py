@@ -94,6 +94,7 @@ class Worker:
         self.index = init.worker
         self.config = init.config
         self.port = init.port
+        self.workers = init.workers
         self.endpoints = Endpoints()
         self.router = Router(
             init.config,
@@ -153,6 +154,7 @@ class Worker:
             self._passive_failure,
             self.endpoints,
         )
+        self.ctx.max_connections = connection_share(config.limits.max_connections, self.workers)
         self.entrypoint = Entrypoint(self.ctx, config, reuse_port=True)
         self.entrypoint.port = self.port
         await self.entrypoint.start()
@@ -271,7 +273,7 @@ class Worker:
         ctx = self.ctx
         if ctx is not None:
             ctx.settings = Settings(new)
-            ctx.max_connections = new.limits.max_connections
+            ctx.max_connections = connection_share(new.limits.max_connections, self.workers)
             if ctx.access_log is not None:
                 ctx.access_log.flush()
             ctx.access_log = _access_log(new)
@@ -286,6 +288,12 @@ class Worker:
             log.error("cannot load the TLS certificate files, keeping the old ones: %s", exc)
 
 
+def connection_share(limit: int, workers: int) -> int:
+    """One worker's part of ``limits.max_connections``, which bounds the whole proxy (and so
+    the memory it may take), however many processes serve."""
+    return max(1, -(-limit // workers))
+
+
 def _access_log(config: Config) -> AccessLog | None:
     return AccessLog(config.access_log.format) if config.access_log.enabled else None
 
@@ -293,8 +301,8 @@ def _access_log(config: Config) -> AccessLog | None:
 # -- the process --------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> int:
-    """``python -m tdproxy.workers CHANNEL_FD SUPERVISOR_PID``: started by the supervisor."""
+def run_worker(sock: socket.socket) -> None:
+    """A worker process's life, forked by the supervisor's fork server (see pool.py)."""
     stop_requested = False
 
     def early_term(signum: int, frame: FrameType | None) -> None:
@@ -304,24 +312,22 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, early_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    fd, supervisor = int(argv[0]), int(argv[1])
-    _die_with_parent()
-    if os.getppid() != supervisor:
-        return 1  # the supervisor died before the line above took effect
-    sock = socket.socket(fileno=fd)
+    _die_with_fork_server()
     try:
         init = read_init(sock)
     except (OSError, ValueError) as exc:
         print(f"tdproxy worker: no start-up message from the supervisor: {exc}", file=sys.stderr)
-        return 1
+        sys.exit(1)
     _setup_logging(f"worker {init.worker}")
+    log_output.share_outputs()
     _install_event_loop_policy()
     try:
-        return asyncio.run(Worker(init, sock).serve(stop_requested))
+        code = asyncio.run(Worker(init, sock).serve(stop_requested))
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         log_output.close_all()
+    sys.exit(code)
 
 
 def read_init(sock: socket.socket) -> Init:
@@ -346,11 +352,21 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the supervisor dies (elsewhere: the channel's EOF)."""
+def _die_with_fork_server() -> None:
+    """Linux: SIGTERM this process when its parent, the fork server, exits, which it does as
+    soon as the supervisor is gone, once no worker holds its "alive" pipe open (this one lets
+    go of it here). The channel's end of file says the same on any system."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive, int):
+        with contextlib.suppress(OSError):
+            os.close(alive)
+        vars(server)["_forkserver_alive_fd"] = None  # closed: nothing may close it again
 
 
 def _setup_logging(tag: str) -> None:

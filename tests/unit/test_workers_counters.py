@@ -20,6 +20,7 @@ from tdproxy.workers.messages import (
     encode,
 )
 from tdproxy.workers.pool import MAX_BACKOFF, backoff
+from tdproxy.workers.worker import connection_share
 
 SECOND = 1_700_000_000
 
@@ -156,3 +157,9 @@ def test_restart_backoff_doubles_up_to_the_cap() -> None:
     assert delays[:3] == [0.25, 0.5, 1.0]
     assert delays == sorted(delays)
     assert max(delays) == MAX_BACKOFF
+
+
+def test_max_connections_is_shared_out_among_the_workers() -> None:
+    assert connection_share(10000, 1) == 10000
+    assert connection_share(10000, 3) == 3334
+    assert connection_share(1, 4) == 1
