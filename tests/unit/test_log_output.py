@@ -114,5 +114,6 @@ def test_a_shared_writer_writes_every_line_whole(pipe: tuple[int, int]) -> None:
     writer.shared = True
     lines = [f"{n:05d} " + "x" * 300 for n in range(40)]
     writer.write_lines(lines)
-    assert writer.close()
+    assert writer.close(timeout=5)
+    os.close(write_end)
     assert read_all(read_end).decode().splitlines() == lines
