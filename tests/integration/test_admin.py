@@ -518,3 +518,17 @@ async def test_readyz_is_503_while_draining(start: Started, session: aiohttp.Cli
     source.draining = True  # what SIGTERM sets: load balancers should stop sending now
     status, _, text = await get(session, server.url + "/readyz")
     assert status == 503 and "shutting down" in text
+
+
+async def test_readyz_is_503_while_no_worker_serves(
+    start: Started, session: aiohttp.ClientSession
+) -> None:
+    source, server = await start()
+    source.workers = source.workers._replace(configured=2, live=0)  # every worker restarting
+    status, _, text = await get(session, server.url + "/readyz")
+    assert status == 503 and "no worker process is serving" in text
+    source.workers = source.workers._replace(live=1)
+    status, _, _ = await get(session, server.url + "/readyz")
+    assert status == 200
+    document = await get_json(session, server)
+    assert document["workers"]["live"] == 1

@@ -377,3 +377,57 @@ def test_a_port_in_use_is_a_clear_start_error(blue: BackendProcess, tmp_path: Pa
     assert result.returncode == 1
     assert "cannot start" in result.stderr and "in use" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sighup_reloads_every_worker(
+    blue: BackendProcess, green: BackendProcess, proxy_factory: ProxyFactory
+) -> None:
+    config = workers_config(("blue", blue.url, 1), ("green", green.url, 0))
+    proxy = start_workers(proxy_factory, config)
+    config["backends"][0]["weight"], config["backends"][1]["weight"] = 0, 1
+    path = proxy.config_path
+    # Written in place with the old size, inode and mtime kept: only the signal can apply it.
+    stat = path.stat()
+    text = path.read_text().replace("weight: 1", "weight: X").replace("weight: 0", "weight: 1")
+    path.write_text(text.replace("weight: X", "weight: 0"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    proxy.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: [p["generation"] for p in processes(proxy)] == [2, 2],
+        timeout=5,
+        message="every worker on generation 2",
+    )
+    assert serve_round(proxy, 10) == Counter({"green": 10})
+
+
+def test_a_tls_entrypoint_and_its_redirect_port_are_served_by_every_worker(
+    blue: BackendProcess, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    import http.client
+    import ssl
+
+    from tests.fakes.process import free_port
+    from tests.fakes.tls import make_self_signed
+
+    cert, key = make_self_signed(tmp_path, ("127.0.0.1",))
+    trust = ssl.create_default_context(cafile=str(cert))
+    redirect_port = free_port()
+    config = workers_config(
+        ("blue", blue.url, 1),
+        entrypoint={
+            "tls": {"certificate": str(cert), "key": str(key)},
+            "redirect_http_port": redirect_port,
+        },
+    )
+    proxy = start_workers(proxy_factory, config)
+    for _ in range(ROUND):
+        connection = http.client.HTTPSConnection(proxy.host, proxy.port, context=trust, timeout=10)
+        try:
+            connection.request("GET", "/")
+            assert connection.getresponse().status == 200
+        finally:
+            connection.close()
+    wait_until(all_workers_served(proxy, {}, ROUND), timeout=COUNTERS_WITHIN)
+    redirect = client.request(f"http://127.0.0.1:{redirect_port}/x")
+    assert redirect.status == 301
+    assert redirect.header("Location") == f"https://127.0.0.1:{proxy.port}/x"
