@@ -305,6 +305,9 @@ class WorkerPool:
         ``STOP_MARGIN`` is killed. Their last counters are kept."""
         self.stopping = True
         self.broadcast(Stop(grace))
+        for slot in self.slots:
+            if slot.process is None and slot.watcher is not None:
+                slot.watcher.cancel()  # waiting to restart: there is nothing to drain
         watchers = [slot.watcher for slot in self.slots if slot.watcher is not None]
         if watchers:
             _, pending = await asyncio.wait(watchers, timeout=grace + STOP_MARGIN)

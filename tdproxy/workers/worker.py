@@ -110,7 +110,9 @@ class Worker:
         self._sock = sock
         self._channel: Channel | None = None
         self._stop = asyncio.Event()
-        self._prepared: tuple[int, RoutingTable, Callable[[], None]] | None = None
+        # The generation built on the last Prepare, with its config, waiting for its Commit.
+        self._prepared: tuple[int, Config, RoutingTable, Callable[[], None]] | None = None
+        self._preparing = 0  # the generation the last Prepare asked for
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life cycle -----------------------------------------------------------------------
@@ -238,6 +240,7 @@ class Worker:
 
     async def _prepare(self, message: Prepare) -> None:
         generation = message.generation
+        self._preparing, self._prepared = generation, None  # an older build is stale now
         error = None
         if generation > self.router.generation:
             try:
@@ -247,8 +250,9 @@ class Worker:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
-                if generation > self.router.generation:  # no Commit overtook the build
-                    self._prepared = (generation, table, commit)
+                # Kept unless a Commit or a newer Prepare overtook the build.
+                if generation > self.router.generation and generation == self._preparing:
+                    self._prepared = (generation, message.config, table, commit)
         if self._channel is not None:
             self._channel.send(Prepared(generation, error))
 
@@ -256,8 +260,12 @@ class Worker:
         router = self.router
         if message.generation > router.generation:
             prepared, self._prepared = self._prepared, None
-            if prepared is not None and prepared[0] == message.generation:
-                _, table, commit = prepared
+            if (
+                prepared is not None
+                and prepared[0] == message.generation
+                and prepared[1] == message.config
+            ):
+                _, _, table, commit = prepared
             else:
                 # Started after the Prepare, or its build was slow: build it now.
                 table, commit = router.prepare(message.config, message.generation)
