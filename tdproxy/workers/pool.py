@@ -1,10 +1,10 @@
 """The supervisor's worker processes: start, watch, restart with back-off, broadcast, stop.
 
 Each worker has a *slot* (0..N-1) that outlives its processes: a worker that dies is replaced
-in the same slot. The replacement starts at once after a worker that had served a while (so a
-crash costs well under a second of that worker's share of capacity); one that dies soon after
-starting, or never gets to listen (its port taken), is restarted after a delay that doubles up
-to ``MAX_BACKOFF``, with the reason logged each time, never in a tight loop.
+in the same slot. The replacement starts at once (so a crash costs well under a second of that
+worker's share of capacity); one that dies again soon after starting, or never gets to listen
+(its port taken), is restarted after a delay that doubles up to ``MAX_BACKOFF``, with the
+reason logged each time, never in a tight loop.
 
 Before any worker starts, the supervisor binds the entrypoint port itself (``SO_REUSEPORT``,
 never ``listen()``, so the kernel hands it no connection): a port already in use is a clear
@@ -353,10 +353,11 @@ class WorkerPool:
 
 
 def backoff(quick_deaths: int) -> float:
-    """Seconds before restarting a worker after ``quick_deaths`` early deaths in a row."""
-    if quick_deaths <= 0:
+    """Seconds before restarting a worker after ``quick_deaths`` early deaths in a row: the
+    first is restarted at once, the next ones after a delay that doubles up to the cap."""
+    if quick_deaths <= 1:
         return 0.0
-    return min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** (quick_deaths - 1))
+    return min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** (quick_deaths - 2))
 
 
 def reserve_port(address: str, port: int) -> tuple[socket.socket, int]:

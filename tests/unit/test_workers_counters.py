@@ -153,7 +153,8 @@ def test_a_frame_that_is_not_a_message_is_refused() -> None:
 
 def test_restart_backoff_doubles_up_to_the_cap() -> None:
     assert backoff(0) == 0.0  # a worker that had served a while: at once
-    delays = [backoff(n) for n in range(1, 12)]
+    assert backoff(1) == 0.0  # the first early death too
+    delays = [backoff(n) for n in range(2, 13)]
     assert delays[:3] == [0.25, 0.5, 1.0]
     assert delays == sorted(delays)
     assert max(delays) == MAX_BACKOFF
