@@ -137,7 +137,6 @@ class WorkerPool:
         log.info("%d workers serving (pids %s)", self.count, pids)
 
     async def _spawn(self, slot: WorkerSlot) -> None:
-        config, generation, states = self._current()
         parent, child = socket.socketpair()
         try:
             # In a thread: the very first start launches the fork server (imports: ~0.5 s).
@@ -151,7 +150,6 @@ class WorkerPool:
         slot.pid = process.pid
         slot.phase = "starting"
         slot.started_at = time.time()
-        slot.generation = generation
         slot.failure = ""
         slot.ready = asyncio.get_running_loop().create_future()
         slot.channel = await Channel.open(
@@ -160,6 +158,10 @@ class WorkerPool:
             lambda: None,  # the process's exit is what counts: see _watch
             f"worker {slot.index}",
         )
+        # From here on every broadcast reaches this worker too, after its Init: what Init says
+        # is read now, so that no generation or health change made meanwhile is missed.
+        config, generation, states = self._current()
+        slot.generation = generation
         slot.channel.send(Init(slot.index, config, generation, states, self.port, self.count))
         slot.watcher = asyncio.get_running_loop().create_task(
             self._watch(slot, process), name=f"worker {slot.index} watcher"
