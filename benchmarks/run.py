@@ -196,7 +196,7 @@ def ensure_py_spy() -> str:
 
 def check_tdproxy_importable() -> None:
     code = (
-        "import importlib.util, sys, tdproxy.cli\n"
+        "import importlib.util, sys, tdproxy.cli, tdproxy.app\n"
         "sys.exit(0 if importlib.util.find_spec('tdproxy.__main__') else 3)\n"
     )
     result = subprocess.run(
@@ -212,7 +212,7 @@ def check_tdproxy_importable() -> None:
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-6:])
         raise BenchmarkError(
-            f"tdproxy is not importable yet (`import tdproxy.cli` failed):\n{tail}\n"
+            f"tdproxy is not importable yet (`import tdproxy.cli, tdproxy.app` failed):\n{tail}\n"
             "Run with --targets backend,nginx,haproxy to benchmark the others alone."
         )
 

@@ -65,7 +65,9 @@ class Load:
     def describe(self) -> str:
         if self.tool == "h2load":
             proto = "HTTP/1.1" if self.h1 else "h2"
-            text = f"h2load {proto}, {self.connections} conn x {self.streams} streams"
+            text = f"h2load {proto}, {self.connections} conn"
+            if self.streams > 1:
+                text += f" x {self.streams} streams"
         else:
             text = f"wrk, {self.connections} conn"
         if self.close:
