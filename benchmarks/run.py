@@ -310,10 +310,12 @@ def start_endpoints(
     """Start the scenario's servers; the variants whose server cannot run here are returned
     with the reason instead."""
     running, unsupported = {}, {}
+    tmp = rig.tmp / scenario.key  # configs and logs of this scenario's servers
+    tmp.mkdir(mode=0o755)
     for server in scenario.servers():
         try:
             running[server.key] = start_server(
-                children, rig.tmp, server, rig.backend, rig.cert, rig.nginx_v
+                children, tmp, server, rig.backend, rig.cert, rig.nginx_v
             )
         except Unsupported as exc:
             unsupported[server.key] = str(exc)
@@ -489,7 +491,7 @@ def benchmark(
 ) -> tuple[dict[str, Any], list[report.ScenarioReport]]:
     busy_before = check_machine_idle()
     nginx_v = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
-    cert = make_certificate(tmp / "tls", args.tls_key)
+    cert = make_certificate(tmp / "certificate", args.tls_key)
     backend = start_backend(children, tmp, cert, nginx_version(nginx_v))
     log(
         f"backend: pid {backend.child.proc.pid}, ports {backend.port} (http), "

@@ -241,11 +241,11 @@ def start_nginx_proxy(
 ) -> Running:
     if server.http2 and not nginx_has_http2(nginx_v):
         raise Unsupported("this nginx is built without the http2 module")
-    prefix = tmp / f"nginx-{server.key}"
+    prefix = tmp / server.key
     prefix.mkdir(mode=0o755)
     port = free_port()
     text = render_nginx_proxy(prefix, server, port, backend.port, cert, nginx_version(nginx_v))
-    return Running(server, _start_nginx(children, prefix, f"nginx {server.key}", text, port), port)
+    return Running(server, _start_nginx(children, prefix, server.key, text, port), port)
 
 
 # --------------------------------------------------------------------------- HAProxy
@@ -270,13 +270,13 @@ def render_haproxy(
 def start_haproxy(
     children: Children, tmp: Path, server: Server, backend: Backend, cert: Certificate | None
 ) -> Running:
-    prefix = tmp / f"haproxy-{server.key}"
+    prefix = tmp / server.key
     prefix.mkdir(mode=0o755)
     port = free_port()
     conf = prefix / "haproxy.cfg"
     conf.write_text(render_haproxy(prefix, server, port, backend.port, cert))
     argv = ["haproxy", "-db", "-f", str(conf)]
-    child = children.start(f"haproxy {server.key}", argv, prefix / "stdout.log")
+    child = children.start(server.key, argv, prefix / "stdout.log")
     wait_for_port(child, port)
     return Running(server, child, port)
 
@@ -333,7 +333,7 @@ def start_tdproxy(
     children: Children, tmp: Path, server: Server, backend: Backend, cert: Certificate | None
 ) -> Running:
     port = free_port()
-    config = tmp / f"tdproxy-{server.key}.yaml"
+    config = tmp / f"{server.key}.yaml"
     config.write_text(tdproxy_config(server, port, free_port(), backend.port, cert))
     problem = _config_problem(config)
     if problem is not None:
@@ -342,10 +342,8 @@ def start_tdproxy(
             raise Unsupported(f"not supported by this build (tdproxy check: {first})")
         raise BenchmarkError(f"tdproxy rejects the benchmark's config {config}:\n{problem}")
     argv = [sys.executable, "-m", "tdproxy", "run", "--config", str(config)]
-    log_path = tmp / f"tdproxy-{server.key}.log"
-    child = children.start(
-        f"tdproxy {server.key}", argv, log_path, cwd=REPO_ROOT, env=tdproxy_env()
-    )
+    log_path = tmp / f"{server.key}.log"
+    child = children.start(server.key, argv, log_path, cwd=REPO_ROOT, env=tdproxy_env())
     wait_for_port(child, port)
     return Running(server, child, port)
 
