@@ -276,7 +276,7 @@ def overview_rows(reports: list[ScenarioReport]) -> list[list[str]]:
 
 
 def format_overview(reports: list[ScenarioReport]) -> str:
-    lines = ["=== overview (medians; req/s, p99, tdproxy-side CPU per request) ==="]
+    lines = ["=== overview (medians: req/s, and for proxies p99 and their own CPU per request) ==="]
     for title, cells, ratio_text in overview_rows(reports):
         lines.append(f"{title}:\n    {cells}\n    {ratio_text}")
     for rep in reports:
