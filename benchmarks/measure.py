@@ -126,7 +126,10 @@ def run_load(
         mine = frozenset({endpoint.child.proc.pid})
         before, target_before = cpu_snapshot(ours), session_ticks(mine)
         started = time.monotonic()
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchmarkError(f"{' '.join(argv)} did not finish within {exc.timeout} s") from exc
         elapsed = time.monotonic() - started
         target_seconds = (session_ticks(mine) - target_before) / os.sysconf("SC_CLK_TCK")
         other_cpu = other_cpu_percent(before, cpu_snapshot(ours))

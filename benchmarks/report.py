@@ -115,6 +115,10 @@ def compare(
     return compared
 
 
+def _yes_no(value: bool | None) -> str:
+    return "unknown (the probe failed)" if value is None else ("yes" if value else "no")
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -159,7 +163,7 @@ def verdicts(
         )
     if key == "tls-handshake" and extras.get("tls_resumption"):
         resumed = ", ".join(
-            f"{name} {'yes' if yes else 'no'}" for name, yes in extras["tls_resumption"].items()
+            f"{name} {_yes_no(offered)}" for name, offered in extras["tls_resumption"].items()
         )
         lines.append(
             f"TLS session resumption offered to a returning client: {resumed} (wrk resumes "

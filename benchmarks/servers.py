@@ -397,22 +397,25 @@ def check_http(name: str, port: int, path: str, tls: bool, close: bool, size: in
         raise BenchmarkError(f"{name}: GET {url} answered {body!r}, not {SMALL_BODY!r}")
 
 
-def tls_resumes(port: int) -> bool:
+def tls_resumes(port: int) -> bool | None:
     """Whether the server lets a second connection resume the first one's TLS session (as a
-    client such as wrk does on reconnecting), which makes a "handshake" an abbreviated one."""
+    client such as wrk does on reconnecting), which makes a "handshake" an abbreviated one;
+    None when the probe itself failed."""
     context = client_tls_context()
     session = None
-    for attempt in range(2):
-        with (
-            socket.create_connection((HOST, port), timeout=10) as raw,
-            context.wrap_socket(raw, server_hostname=HOST, session=session) as tls,
-        ):
-            tls.sendall(
-                f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
-            )
-            while tls.recv(65536):  # read to the end: TLS 1.3 tickets follow the handshake
-                pass
-            if attempt == 1:
-                return bool(tls.session_reused)
-            session = tls.session
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+    try:
+        for _ in range(2):
+            with (
+                socket.create_connection((HOST, port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname=HOST, session=session) as tls,
+            ):
+                tls.sendall(request)
+                while tls.recv(65536):  # read to the end: TLS 1.3 tickets follow the handshake
+                    pass
+                if session is not None:
+                    return bool(tls.session_reused)
+                session = tls.session
+    except OSError:  # ssl.SSLError included
+        return None
     return False
