@@ -149,8 +149,9 @@ def verdicts(
                 line = f"{kind}'s access log costs {100 * cost:.1f} % of req/s, CPU per request "
                 line += f"{100 * cpu:+.1f} %"
                 if kind == "tdproxy":
-                    line += f" (target <= {100 * ACCESS_LOG_MAX_COST:.0f} %: "
-                    line += f"{_met(cost <= ACCESS_LOG_MAX_COST)})"
+                    line += f" (target <= {100 * ACCESS_LOG_MAX_COST:.0f} %: req/s "
+                    line += f"{_met(cost <= ACCESS_LOG_MAX_COST)}, CPU per request "
+                    line += f"{_met(cpu <= ACCESS_LOG_MAX_COST)})"
                 lines.append(line)
     if key == "workers":
         lines += _workers_verdicts(s, unsupported or {})

@@ -338,7 +338,7 @@ def start_tdproxy(
     problem = _config_problem(config)
     if problem is not None:
         if server.workers != 1 and "workers" in problem:
-            first = problem.splitlines()[-1]
+            first = " ".join(problem.splitlines()[-1].split())
             raise Unsupported(f"not supported by this build (tdproxy check: {first})")
         raise BenchmarkError(f"tdproxy rejects the benchmark's config {config}:\n{problem}")
     argv = [sys.executable, "-m", "tdproxy", "run", "--config", str(config)]
