@@ -398,6 +398,7 @@ def tdproxy_extras(rig: Rig, endpoints: list[Endpoint], children: Children) -> d
 def scenario_report(scenario: sc.Scenario, state: dict[str, Any]) -> report.ScenarioReport:
     names = [v.name for v in scenario.variants]
     summary = report.summarize(state["results"], names)
+    compared = report.compare(scenario, summary, state["results"])
     return report.ScenarioReport(
         key=scenario.key,
         title=scenario.title,
@@ -406,8 +407,10 @@ def scenario_report(scenario: sc.Scenario, state: dict[str, Any]) -> report.Scen
         unsupported=state["unsupported"],
         rounds=state["results"],
         summary=summary,
-        compared=report.compare(scenario, summary, state["results"]),
-        verdicts=report.verdicts(scenario.key, summary, state["extras"], state["unsupported"]),
+        compared=compared,
+        verdicts=report.verdicts(
+            scenario.key, summary, state["extras"], state["unsupported"], compared
+        ),
         extras=state["extras"],
         error=state["error"],
     )

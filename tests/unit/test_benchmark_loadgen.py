@@ -156,8 +156,15 @@ def test_workers_share_or_why_there_is_none() -> None:
     rows = [_summary("nginx-w1", 100.0), _summary("nginx-w2", 150.0)]
     rows += [_summary("tdproxy-w1", 60.0), _summary("tdproxy-w2", 88.0)]
     lines = report.verdicts("workers", rows, {})
-    assert "gain from 1 to 2 workers is 0.93 of nginx's" in lines[0] and "(target" in lines[0]
+    assert "gain from 1 to 2 workers is 0.93 of nginx's (by medians" in lines[0]
     assert "met)" in lines[0] and "NOT" not in lines[0]
+    gains = [
+        report.Compared("n", "nginx-w2", "nginx-w1", 1.5, 1.0, 1.0, 1.2, 1.1),
+        report.Compared("t", "tdproxy-w2", "tdproxy-w1", 1.45, 1.0, 1.0, 1.1, 1.0),
+    ]
+    lines = report.verdicts("workers", rows, {}, {}, gains)
+    assert "is 0.50 of nginx's (by the round-by-round gains; by medians 0.93" in lines[0]
+    assert "NOT met" in lines[0]
     unsupported = {"tdproxy-w2": "not supported by this build"}
     lines = report.verdicts("workers", rows[:3], {}, unsupported)
     assert lines[0] == "tdproxy with 2 workers: not supported by this build"
