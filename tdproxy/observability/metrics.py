@@ -183,6 +183,11 @@ class TdproxyCollector:
             reloads.add_metric([result], history.reloads.get(result, 0))
         yield reloads
         yield GaugeMetricFamily(
+            "tdproxy_config_generation",
+            "The config generation serving now: 1 at start, one more for each applied reload.",
+            value=source.router.generation,
+        )
+        yield GaugeMetricFamily(
             "tdproxy_config_last_reload_successful",
             "1 when the last config reload succeeded (or none was tried yet), 0 when it failed.",
             value=1 if history.last_successful else 0,

@@ -106,6 +106,7 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
         "tdproxy_health_checks": ("counter", {"backend", "result"}),
         "tdproxy_config_reloads": ("counter", {"result"}),
         "tdproxy_config_last_reload_successful": ("gauge", set()),
+        "tdproxy_config_generation": ("gauge", set()),
         "tdproxy_connections_active": ("gauge", set()),
         "tdproxy_build_info": ("gauge", {"version"}),
         "tdproxy_unrouted_requests": ("counter", {"code"}),
@@ -284,6 +285,7 @@ def test_reloads_connections_and_build_info(source: Source, registry: CollectorR
     source.connections = 12
     assert value(registry, "tdproxy_connections_active") == 12
     assert value(registry, "tdproxy_build_info", version=tdproxy.__version__) == 1
+    assert value(registry, "tdproxy_config_generation") == source.router.generation >= 1
 
 
 def test_removed_backends_vanish_and_kept_ones_carry_over(
@@ -402,6 +404,7 @@ def test_dashboard_only_queries_metrics_that_exist(
     for topic in ("traffic share", "request rate", "error rate", "p50", "p95", "p99", "health"):
         assert topic in titles, topic
     assert "reload" in titles
+    assert "generation" in titles
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
