@@ -137,7 +137,22 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(config: Config, path: str, text: str, early: EarlySignals) -> None:
     from tdproxy.app import App
 
-    await App(config, path, text).serve(early.received)
+    workers = worker_count(config)
+    if workers == 1:
+        await App(config, path, text).serve(early.received)
+        return
+    from tdproxy.workers.supervisor import Supervisor
+
+    await Supervisor(config, workers, path, text).serve(early.received)
+
+
+def worker_count(config: Config) -> int:
+    """``workers`` as a number: ``auto`` is the CPUs this process may use."""
+    if config.workers == "auto":
+        from tdproxy.workers.cpus import available_cpus
+
+        return available_cpus()
+    return config.workers
 
 
 def _check(path: str) -> int:

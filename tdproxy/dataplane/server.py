@@ -25,8 +25,10 @@ def tls_server_context(certificate: str, key: str, http2: bool = False) -> ssl.S
 
 
 class Entrypoint:
-    def __init__(self, ctx: ProxyContext, config: Config) -> None:
+    def __init__(self, ctx: ProxyContext, config: Config, *, reuse_port: bool = False) -> None:
         self.ctx = ctx
+        # Worker processes each listen on the same port; the kernel spreads new connections.
+        self.reuse_port = reuse_port
         self.address = config.entrypoint.address
         self.port = config.entrypoint.port
         tls = config.entrypoint.tls
@@ -45,6 +47,7 @@ class Entrypoint:
             ssl=self.ssl_context,
             backlog=2048,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         sockets = self._server.sockets
         if sockets and self.port == 0:

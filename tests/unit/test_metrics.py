@@ -26,6 +26,7 @@ from tdproxy.observability.metrics import (
     exposition,
 )
 from tdproxy.routing.state import DURATION_BUCKETS
+from tdproxy.workers.report import WorkersReport, single_process_report
 from tests.fakes.routing import new_router
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "tdproxy-dashboard.json"
@@ -53,12 +54,16 @@ class Source:
         self.reload_history = ReloadHistory()
         self.connections = 0
         self.unrouted: dict[int, int] = {}
+        self.workers = single_process_report(self.router.states, 0, 1)
 
     def connections_active(self) -> int:
         return self.connections
 
     def unrouted_requests(self) -> dict[int, int]:
         return self.unrouted
+
+    def workers_report(self) -> WorkersReport:
+        return self.workers
 
 
 @pytest.fixture
@@ -106,6 +111,8 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
         "tdproxy_build_info": ("gauge", {"version"}),
         "tdproxy_unrouted_requests": ("counter", {"code"}),
         "tdproxy_log_lines_dropped": ("counter", set()),
+        "tdproxy_workers": ("gauge", set()),
+        "tdproxy_worker_restarts": ("counter", set()),
     }
     for name, (kind, labels) in expected.items():
         assert name in found, name
@@ -418,3 +425,12 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
         [promtool, "check", "rules", str(path)], capture_output=True, timeout=30, check=False
     )
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_worker_processes_are_reported(source: Source, registry: CollectorRegistry) -> None:
+    assert value(registry, "tdproxy_workers") == 1
+    assert value(registry, "tdproxy_worker_restarts_total") == 0
+    source.workers = source.workers._replace(live=3, restarts=2, dropped_log_lines=5)
+    assert value(registry, "tdproxy_workers") == 3
+    assert value(registry, "tdproxy_worker_restarts_total") == 2
+    assert value(registry, "tdproxy_log_lines_dropped_total") >= 5  # the workers' own drops
