@@ -53,7 +53,7 @@ from tdproxy.dataplane.client_io import (
     PAUSE_UPSTREAM,
 )
 from tdproxy.dataplane.context import ProxyContext
-from tdproxy.dataplane.dispatch import REPLAY_LIMIT, BackendDispatch, account
+from tdproxy.dataplane.dispatch import REPLAY_LIMIT, account
 from tdproxy.dataplane.exchange import (
     BODY_CHUNKED,
     BODY_NONE,
@@ -94,7 +94,7 @@ CHUNK_OVERHEAD_PER_CHUNK = 256
 CHUNK_OVERHEAD_BASE = 96 * 1024
 
 
-class ClientConnection(BackendDispatch, ResponseRelay):
+class ClientConnection(ResponseRelay):
     """One accepted client connection: reads requests, picks backends, answers in order."""
 
     __slots__ = (

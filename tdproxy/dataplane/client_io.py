@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 
 from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.dispatch import BackendDispatch
 from tdproxy.dataplane.lifecycle import (
     BODY,
     CLOSED,
@@ -24,15 +24,16 @@ from tdproxy.dataplane.lifecycle import (
     CONNECTION_TRANSITIONS,
     HEAD,
     IDLE,
+    INF,
     LINGER,
     LINGER_SECONDS,
+    PAUSE_BUFFER,
+    PAUSE_QUEUE,
+    PAUSE_UPSTREAM,
     connection_state_name,
 )
 
-INF = math.inf
-PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
-PAUSE_BUFFER = 2  # request bytes are waiting (for an upstream connection, or a handshake)
-PAUSE_QUEUE = 4  # too many pipelined requests are waiting their turn
+__all__ = ["INF", "PAUSE_BUFFER", "PAUSE_QUEUE", "PAUSE_UPSTREAM", "ClientIO"]
 
 log = logging.getLogger("tdproxy.dataplane")
 
@@ -40,11 +41,10 @@ log = logging.getLogger("tdproxy.dataplane")
 CONNECTION_NEXT = [CONNECTION_TRANSITIONS[state] for state in range(len(CONNECTION_TRANSITIONS))]
 
 
-class ClientIO(asyncio.Protocol):
+class ClientIO(BackendDispatch):
     __slots__ = (
         "_batch",
         "_pause_bits",
-        "ctx",
         "deadline",
         "input_ended",
         "peer",
@@ -52,11 +52,10 @@ class ClientIO(asyncio.Protocol):
         "send_deadline",
         "state",
         "transport",
-        "write_paused",
     )
 
     def __init__(self, ctx: ProxyContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.transport: asyncio.Transport | None = None
         self.peer = b"-"
         self.state = IDLE
@@ -70,7 +69,6 @@ class ClientIO(asyncio.Protocol):
         self.input_ended = False  # the client sent its FIN
         self._batch: list[bytes] | None = None
         self._pause_bits = 0
-        self.write_paused = False
 
     # -- state --------------------------------------------------------------------------------
 

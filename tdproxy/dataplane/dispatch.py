@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
-from tdproxy.dataplane.client_io import INF, PAUSE_BUFFER
 from tdproxy.dataplane.context import ProxyContext
 from tdproxy.dataplane.exchange import EXCHANGE_NEXT, Exchange
-from tdproxy.dataplane.lifecycle import CONNECTING, RELAYING, WAITING, exchange_state_name
+from tdproxy.dataplane.lifecycle import (
+    CONNECTING,
+    INF,
+    PAUSE_BUFFER,
+    RELAYING,
+    WAITING,
+    exchange_state_name,
+)
 from tdproxy.dataplane.upstream import UpstreamClient, UpstreamConnection
 from tdproxy.routing.table import Target
 
@@ -44,21 +49,34 @@ def account(ctx: ProxyContext, exchange: Exchange, peer: bytes) -> None:
         ctx.access_log.log(exchange, peer, status, ctx.clock)
 
 
-class BackendDispatch:
-    __slots__ = ()
+class BackendDispatch(asyncio.Protocol):
+    """The base of every request carrier: an HTTP/1.1 client connection (the asyncio protocol
+    of its transport) and an HTTP/2 stream (which never sees transport events). One chain of
+    single inheritance, so the compiled build (mypyc) can make it a native class."""
 
-    # Provided by the class that mixes this in.
-    ctx: ProxyContext
-    _active: Exchange | None
-    write_paused: bool
+    __slots__ = ("_active", "ctx", "write_paused")
 
-    if TYPE_CHECKING:
-        # Declared for the type checker only: defined here, they would shadow the owner's.
-        def bug(self, what: str) -> None: ...
-        def _set_pause(self, bit: int, on: bool) -> None: ...
-        def _respond_error(self, exchange: Exchange, code: int) -> None: ...
-        def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None: ...
-        def upstream_failed(self, up: UpstreamConnection, kind: str) -> None: ...
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self._active: Exchange | None = None  # the exchange being answered
+        self.write_paused = False  # the client takes no more bytes for now
+
+    # -- what each carrier provides -------------------------------------------------------
+
+    def bug(self, what: str) -> None:
+        raise NotImplementedError
+
+    def _set_pause(self, bit: int, on: bool) -> None:
+        raise NotImplementedError
+
+    def _respond_error(self, exchange: Exchange, code: int) -> None:
+        raise NotImplementedError
+
+    def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
+        raise NotImplementedError
+
+    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
+        raise NotImplementedError
 
     # -- choosing a backend and connecting -----------------------------------------------
 

@@ -158,7 +158,6 @@ class H2Stream(BackendDispatch):
     """One client stream and its exchange; see the module's theory of operation."""
 
     __slots__ = (
-        "_active",
         "_head",
         "_head_sent",
         "_out",
@@ -167,29 +166,26 @@ class H2Stream(BackendDispatch):
         "body_deadline",
         "closed",
         "conn",
-        "ctx",
         "exchange",
         "id",
         "progress",
         "send_deadline",
         "unacked",
         "upstream_paused",
-        "write_paused",
     )
 
     def __init__(self, conn: H2ClientConnection, stream_id: int, exchange: Exchange) -> None:
+        super().__init__(conn.ctx)
         self.conn = conn
-        self.ctx = conn.ctx
         self.id = stream_id
         self.exchange = exchange
-        self._active: Exchange | None = exchange  # None once the exchange has ended
+        self._active = exchange  # None once the exchange has ended
         self._head: list[tuple[bytes, bytes]] | None = None  # held until the read ends
         self._head_sent = False
         self._out = bytearray()  # response bytes the client's window has no room for yet
         self._out_end = False  # the response is complete: end the stream after _out
         self.batching = False
         self.closed = False  # the stream is over here (ended, reset, or lost)
-        self.write_paused = False  # data waits for the client's window
         self.upstream_paused = False  # the backend's write buffer is full
         self.unacked = 0  # request body bytes received and not yet acknowledged
         self.progress = self.ctx.clock.now

@@ -63,6 +63,14 @@ never ignored (see ``ClientConnection.bug``).
 
 from __future__ import annotations
 
+import math
+
+INF = math.inf  # the deadline of a state that has none
+# Why reading from a client is paused (ClientIO keeps a set of these bits).
+PAUSE_UPSTREAM = 1  # the upstream's write buffer is full
+PAUSE_BUFFER = 2  # request bytes are waiting (for an upstream connection, or a handshake)
+PAUSE_QUEUE = 4  # too many pipelined requests are waiting their turn
+
 # Connection states (ClientConnection.state).
 IDLE, HEAD, BODY, BUSY, ENDING, TUNNEL, LINGER, CLOSING, CLOSED = range(9)
 CONNECTION_STATES = (

@@ -33,15 +33,13 @@ from tdproxy.dataplane.lifecycle import (
     exchange_state_name,
 )
 from tdproxy.dataplane.upstream import UpstreamConnection
-from tdproxy.routing.table import Target
 
 
 class ResponseRelay(ClientIO):
-    __slots__ = ("_active", "_tunnel", "_upgrade_wait")
+    __slots__ = ("_tunnel", "_upgrade_wait")
 
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(ctx)
-        self._active: Exchange | None = None
         self._tunnel: UpstreamConnection | None = None
         self._upgrade_wait: Exchange | None = None
 
@@ -275,12 +273,6 @@ class ResponseRelay(ClientIO):
 
     def _closing_after(self, exchange: Exchange) -> bool:
         """Will the connection close after this exchange's answer (Connection: close)?"""
-        raise NotImplementedError
-
-    def _retry(self, exchange: Exchange, failed: Target, replay: bool) -> bool:
-        raise NotImplementedError
-
-    def _respond_error(self, exchange: Exchange, code: int) -> None:
         raise NotImplementedError
 
     def _finish(self, exchange: Exchange, state: int, keep: bool) -> None:

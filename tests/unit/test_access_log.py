@@ -10,37 +10,37 @@ import time
 
 import pytest
 
+from tdproxy.config.loader import parse_config
+from tdproxy.dataplane.exchange import Exchange
 from tdproxy.observability.access_log import AccessLog, combined_escape
 from tdproxy.observability.log_output import LogWriter
+from tests.fakes.routing import new_router
+
+BLUE = new_router(
+    parse_config({"backends": [{"name": "blue", "url": "http://blue.internal", "weight": 1}]})
+).table.targets[0]
 
 
-class FakeBackend:
-    name = "blue"
-
-
-class FakeExchange:
-    """The fields of an Exchange the access log reads."""
-
-    def __init__(self, target: bytes = b"/x?a=1", **fields: bytes) -> None:
-        self.monotonic_start = time.monotonic() - 0.0123
-        self.method = "GET"
-        self.target = target
-        self.version = "1.1"
-        self.host: bytes | None = b"example.com"
-        self.response_bytes = 1234
-        self.target_backend: FakeBackend | None = FakeBackend()
-        self.tried = [object()]
-        self.headers = [(name.encode(), name.encode(), value) for name, value in fields.items()]
-
-    def field(self, lname: bytes) -> bytes | None:
-        return next((value for lower, _, value in self.headers if lower == lname), None)
+def FakeExchange(target: bytes = b"/x?a=1", **fields: bytes) -> Exchange:
+    """A real Exchange (the compiled build checks types) with what the access log reads."""
+    exchange = Exchange()
+    exchange.monotonic_start = time.monotonic() - 0.0123
+    exchange.method = "GET"
+    exchange.target = target
+    exchange.version = "1.1"
+    exchange.host = b"example.com"
+    exchange.response_bytes = 1234
+    exchange.target_backend = BLUE
+    exchange.tried = [BLUE]
+    exchange.headers = [(name.encode(), name.encode(), value) for name, value in fields.items()]
+    return exchange
 
 
 class FakeClock:
     second = 1_700_000_000
 
 
-def lines_of(log: AccessLog, exchange: FakeExchange, status: int = 200) -> str:
+def lines_of(log: AccessLog, exchange: Exchange, status: int = 200) -> str:
     log.log(exchange, b"127.0.0.1", status, FakeClock())  # type: ignore[arg-type]
     return log._pending[-1]
 

@@ -13,10 +13,12 @@ import pytest
 from tdproxy.config import Config, parse_config
 from tdproxy.dataplane.endpoints import endpoint_key
 from tdproxy.dataplane.pool import UpstreamPool
+from tdproxy.dataplane.upstream import UpstreamConnection
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import BackendState
 from tdproxy.routing.table import RoutingTable, Target
 from tests.fakes.routing import new_router
+from tests.fakes.sansio import FakeTransport
 
 
 def make_config(
@@ -65,18 +67,12 @@ def assert_every_window(sequence: list[str | None], size: int, expected: dict[st
         assert Counter(sequence[start : start + size]) == expected, f"window at {start}"
 
 
-class FakeConnection:
-    """Stands in for an UpstreamConnection inside a pool: usable until closed."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.idle_since = 0.0
-
-    def usable(self) -> bool:
-        return not self.closed
-
-    def close(self) -> None:
-        self.closed = True
+def fake_connection() -> UpstreamConnection:
+    """A real upstream connection on a fake transport (the compiled build checks types):
+    usable until closed."""
+    connection = UpstreamConnection(UpstreamPool(("test",)))
+    connection.connection_made(FakeTransport(connection))  # type: ignore[arg-type]
+    return connection
 
 
 # -- round robin -----------------------------------------------------------------------------
@@ -658,12 +654,12 @@ def test_pool_is_shared_between_target_and_endpoints() -> None:
 def test_pool_with_idle_connections_carried_over_when_endpoint_unchanged() -> None:
     router = new_router(make_config())
     pool = router.table.by_name["blue"].endpoint.pool
-    connection = FakeConnection()
-    pool.put(connection, 0.0)  # type: ignore[arg-type]
+    connection = fake_connection()
+    pool.put(connection, 0.0)
     router.apply(make_config(backends=weighted(("blue", 1), ("green", 9))))
     assert router.table.by_name["blue"].endpoint.pool is pool
     assert not pool.closed
-    assert not connection.closed
+    assert connection.alive
 
 
 def test_empty_pool_carried_over_when_endpoint_unchanged() -> None:
@@ -678,10 +674,10 @@ def test_router_close_reaches_connections_returned_after_a_reload() -> None:
     router = new_router(make_config())
     old_pool = router.table.by_name["blue"].endpoint.pool
     router.apply(make_config(backends=weighted(("blue", 1), ("green", 9))))
-    connection = FakeConnection()
-    old_pool.put(connection, 0.0)  # type: ignore[arg-type]  # the in-flight one comes back
+    connection = fake_connection()
+    old_pool.put(connection, 0.0)  # the in-flight one comes back
     router.endpoints.close()
-    assert connection.closed
+    assert not connection.alive
 
 
 @pytest.mark.parametrize(
@@ -696,14 +692,14 @@ def test_router_close_reaches_connections_returned_after_a_reload() -> None:
 def test_pool_replaced_and_closed_when_endpoint_changes(change: dict[str, Any]) -> None:
     router = new_router(make_config(backends=[{"name": "blue", "url": "https://blue.internal"}]))
     old_pool = router.table.by_name["blue"].endpoint.pool
-    connection = FakeConnection()
-    old_pool.put(connection, 0.0)  # type: ignore[arg-type]
+    connection = fake_connection()
+    old_pool.put(connection, 0.0)
     router.apply(make_config(backends=[{"name": "blue", **change}]))
     new_pool = router.table.by_name["blue"].endpoint.pool
     assert new_pool is not old_pool
     assert isinstance(new_pool, UpstreamPool)
     assert old_pool.closed
-    assert connection.closed
+    assert not connection.alive
     assert not new_pool.closed
     assert list(router.endpoints.pools) == [new_pool]
 
@@ -726,12 +722,12 @@ def test_closing_the_endpoints_closes_every_pool() -> None:
 def test_expire_idle_retires_old_connections() -> None:
     router = new_router(make_config())
     pool = router.table.by_name["blue"].endpoint.pool
-    old, fresh = FakeConnection(), FakeConnection()
-    pool.put(old, 0.0)  # type: ignore[arg-type]
-    pool.put(fresh, 100.0)  # type: ignore[arg-type]
+    old, fresh = fake_connection(), fake_connection()
+    pool.put(old, 0.0)
+    pool.put(fresh, 100.0)
     router.endpoints.expire_idle(100.0 + pool.max_idle / 2)
-    assert old.closed
-    assert not fresh.closed
+    assert not old.alive
+    assert fresh.alive
 
 
 def test_upstream_idle_sets_how_long_pooled_connections_may_wait() -> None:
@@ -746,12 +742,12 @@ def test_upstream_idle_sets_how_long_pooled_connections_may_wait() -> None:
     router = new_router(with_upstream_idle("4s"))
     pool = router.table.by_name["blue"].endpoint.pool
     assert pool.max_idle == 4.0
-    waiting = FakeConnection()
-    pool.put(waiting, 0.0)  # type: ignore[arg-type]
+    waiting = fake_connection()
+    pool.put(waiting, 0.0)
     router.endpoints.expire_idle(3.5)
-    assert not waiting.closed
+    assert waiting.alive
     router.endpoints.expire_idle(4.5)
-    assert waiting.closed
+    assert not waiting.alive
     router.apply(with_upstream_idle("9s"))  # a reload changes the pools it keeps too
     assert router.table.by_name["blue"].endpoint.pool is pool and pool.max_idle == 9.0
 
