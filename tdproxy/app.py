@@ -32,7 +32,7 @@ from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tdproxy.controlplane.signals import HANDLED as HANDLED_SIGNALS
 from tdproxy.controlplane.signals import signal_name
 from tdproxy.controlplane.slow_start import SlowStartDriver
-from tdproxy.dataplane.context import ProxyContext, Settings
+from tdproxy.dataplane.context import ProxyContext, Settings, trusted_proxies
 from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.redirect import RedirectServer
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
@@ -344,6 +344,7 @@ class App:
         ctx = self.ctx
         if ctx is not None:
             ctx.settings = Settings(new)
+            ctx.trusted_proxies = trusted_proxies(new)  # for connections accepted from now on
             ctx.max_connections = new.limits.max_connections
             if ctx.access_log is not None:
                 ctx.access_log.flush()

@@ -185,6 +185,10 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         pending.append("entrypoint.tls turned " + ("on" if new.entrypoint.tls else "off"))
     if old.entrypoint.redirect_http_port != new.entrypoint.redirect_http_port:
         pending.append("entrypoint.redirect_http_port")
+    if old.entrypoint.proxy_protocol != new.entrypoint.proxy_protocol:
+        pending.append(
+            "entrypoint.proxy_protocol turned " + ("on" if new.entrypoint.proxy_protocol else "off")
+        )
     if (old.admin.address, old.admin.port) != (new.admin.address, new.admin.port):
         pending.append(
             f"admin {old.admin.address}:{old.admin.port} -> {new.admin.address}:{new.admin.port}"
@@ -223,6 +227,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
             changes.append(f"{section} changed")
     if old.entrypoint.tls != new.entrypoint.tls and old.entrypoint.tls and new.entrypoint.tls:
         changes.append("entrypoint TLS certificate files changed")
+    if old.entrypoint.trusted_proxies != new.entrypoint.trusted_proxies:
+        changes.append("entrypoint.trusted_proxies changed (new connections)")
     if old.admin.token != new.admin.token or old.admin.token_env != new.admin.token_env:
         changes.append("admin token changed")
     return changes

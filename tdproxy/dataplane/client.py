@@ -59,7 +59,6 @@ from tdproxy.dataplane.exchange import (
     BODY_NONE,
     EXCHANGE_NEXT,
     Exchange,
-    PeerFields,
 )
 from tdproxy.dataplane.http import CRLF, LAST_CHUNK, error_body_length, error_response
 from tdproxy.dataplane.lifecycle import (
@@ -105,6 +104,7 @@ class ClientConnection(ResponseRelay):
     __slots__ = (
         "_dispatch_pending",
         "_head_bytes",
+        "_named_peer",
         "_parser",
         "_parsing",
         "_peer_fields",
@@ -116,8 +116,10 @@ class ClientConnection(ResponseRelay):
         "_upgrading",
     )
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, peer: bytes | None = None) -> None:
         super().__init__(ctx)
+        # The client's address when a PROXY protocol header named it (else the socket's peer).
+        self._named_peer = peer
         self._parser = httptools.HttpRequestParser(self)
         self._parsing: Exchange | None = None
         self._queue: deque[Exchange] = deque()
@@ -139,10 +141,13 @@ class ClientConnection(ResponseRelay):
             self.lost()
             return
         ctx.connections.add(self)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = str(peer[0]).encode()
-        self._peer_fields = PeerFields(self.peer, ctx.scheme)
+        if self._named_peer is not None:
+            self.peer = self._named_peer
+        else:
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.peer = str(peer[0]).encode()
+        self._peer_fields = ctx.peer_fields(self.peer, ctx.scheme)
         self.deadline = ctx.clock.now + ctx.settings.idle
 
     def data_received(self, data: bytes) -> None:
@@ -618,7 +623,7 @@ class ClientConnection(ResponseRelay):
         else:
             ctx.count_unrouted(status)
         if ctx.access_log is not None:
-            ctx.access_log.log(exchange, self.peer, status, ctx.clock)
+            ctx.access_log.log(exchange, exchange.client or self.peer, status, ctx.clock)
         if exchange is self._active:
             self._active = None
         if self._pause_bits & PAUSE_UPSTREAM:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tdproxy.config.model import Config
+from tdproxy.dataplane.exchange import PeerFields
+from tdproxy.dataplane.forwarded import TrustedProxies
 from tdproxy.dataplane.lifecycle import BACKSTOP_SLACK, LINGER_SECONDS
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class ProxyContext:
         "settings",
         "shutting_down",
         "tasks",
+        "trusted_proxies",
         "unrouted",
     )
 
@@ -118,6 +121,7 @@ class ProxyContext:
         self.settings = Settings(config)
         self.max_connections = config.limits.max_connections
         self.scheme = b"https" if config.entrypoint.tls else b"http"
+        self.trusted_proxies = trusted_proxies(config)
         self.access_log = access_log
         self.on_passive_failure = on_passive_failure
         self.clock = Clock(loop)
@@ -128,6 +132,13 @@ class ProxyContext:
         # status: they have no backend label, so they are counted here.
         self.unrouted: dict[int, int] = {}
 
+    def peer_fields(self, address: bytes, scheme: bytes) -> PeerFields:
+        """A new connection's forwarding fields: trusted or not is decided here, once."""
+        trusted = self.trusted_proxies
+        if trusted is None:
+            return PeerFields(address, scheme)
+        return trusted.peer_fields(address, scheme)
+
     def count_unrouted(self, status: int) -> None:
         unrouted = self.unrouted
         unrouted[status] = unrouted.get(status, 0) + 1
@@ -137,3 +148,9 @@ class ProxyContext:
         task: asyncio.Task[None] = self.loop.create_task(coroutine)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+
+def trusted_proxies(config: Config) -> TrustedProxies | None:
+    """``entrypoint.trusted_proxies`` precomputed; None when there are none (the plain path)."""
+    entries = config.entrypoint.trusted_proxies
+    return TrustedProxies(entries) if entries else None
