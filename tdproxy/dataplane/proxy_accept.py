@@ -157,7 +157,10 @@ class ProxyProtocolListener:
             self._drop(pending, None)
             return
         if not peeked:
-            self._drop(pending, "closed before its PROXY protocol header was complete")
+            # Connected and closed with nothing said (a TCP health check, a port probe) is
+            # not worth a log line; a header cut short is.
+            cut = "closed before its PROXY protocol header was complete"
+            self._drop(pending, cut if pending.read else None)
             return
         data = pending.read + peeked
         try:
