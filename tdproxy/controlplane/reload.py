@@ -185,6 +185,12 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         pending.append("entrypoint.tls turned " + ("on" if new.entrypoint.tls else "off"))
     if old.entrypoint.redirect_http_port != new.entrypoint.redirect_http_port:
         pending.append("entrypoint.redirect_http_port")
+    elif new.entrypoint.redirect_http_port is not None and _redirect_by_data_plane(
+        old
+    ) != _redirect_by_data_plane(new):
+        # Who serves the redirect port (the data plane, or the plain redirect server) is
+        # decided at start: see dataplane/redirect_listener.py.
+        pending.append("entrypoint.redirect_http_port behind trusted_proxies")
     if old.entrypoint.proxy_protocol != new.entrypoint.proxy_protocol:
         pending.append(
             "entrypoint.proxy_protocol turned " + ("on" if new.entrypoint.proxy_protocol else "off")
@@ -194,6 +200,10 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
             f"admin {old.admin.address}:{old.admin.port} -> {new.admin.address}:{new.admin.port}"
         )
     return pending
+
+
+def _redirect_by_data_plane(config: Config) -> bool:
+    return bool(config.entrypoint.trusted_proxies) or config.entrypoint.proxy_protocol
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:

@@ -198,3 +198,15 @@ def test_bad_trusted_proxies_are_reported_with_their_key_paths() -> None:
         "entrypoint.trusted_proxies[3]: '300.1.1.1' is not an IP address or CIDR block "
         "(such as 10.0.0.0/8 or fd00::/8)",
     ]
+
+
+def test_a_reload_reports_what_applies_when() -> None:
+    from tdproxy.controlplane.reload import describe_changes, restart_only_changes
+
+    base = entrypoint()
+    trusted = entrypoint(trusted_proxies=["10.0.0.0/8"])
+    proxied = entrypoint(proxy_protocol=True)
+    assert "entrypoint.trusted_proxies changed (new connections)" in describe_changes(base, trusted)
+    assert restart_only_changes(base, trusted) == []
+    assert restart_only_changes(base, proxied) == ["entrypoint.proxy_protocol turned on"]
+    assert restart_only_changes(proxied, base) == ["entrypoint.proxy_protocol turned off"]
