@@ -125,10 +125,10 @@ class TrustedPeerFields(PeerFields):
     """The forwarding fields of a connection from a trusted proxy."""
 
     __slots__ = ("trusted_proxies",)
-    trusted = True
 
     def __init__(self, address: bytes, scheme: bytes, trusted_proxies: TrustedProxies) -> None:
         super().__init__(address, scheme)
+        self.trusted = True
         self.trusted_proxies = trusted_proxies
         self.fields = TRUSTED_REQUEST_FIELDS
 
