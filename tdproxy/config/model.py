@@ -97,6 +97,9 @@ class Entrypoint(_Model):
     trusted_proxies: tuple[TrustedProxy, ...] = ()
     # Every connection starts with a PROXY protocol v1 or v2 header (dataplane/proxy_protocol.py).
     proxy_protocol: bool = False
+    # Offer HTTP/2 by ALPN at the TLS entrypoint (no effect without tls). Off by default: see
+    # the README's HTTP/2 section for the measurements behind that.
+    http2: bool = False
 
     @model_validator(mode="after")
     def _redirect_needs_tls(self) -> Entrypoint:

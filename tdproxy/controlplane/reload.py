@@ -195,6 +195,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         pending.append(
             "entrypoint.proxy_protocol turned " + ("on" if new.entrypoint.proxy_protocol else "off")
         )
+    if old.entrypoint.http2 != new.entrypoint.http2:
+        pending.append("entrypoint.http2 turned " + ("on" if new.entrypoint.http2 else "off"))
     if (old.admin.address, old.admin.port) != (new.admin.address, new.admin.port):
         pending.append(
             f"admin {old.admin.address}:{old.admin.port} -> {new.admin.address}:{new.admin.port}"

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from typing import cast
 
@@ -54,6 +53,7 @@ from tdproxy.dataplane.client_io import (
     PAUSE_UPSTREAM,
 )
 from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.dispatch import REPLAY_LIMIT, BackendDispatch, account
 from tdproxy.dataplane.exchange import (
     BODY_CHUNKED,
     BODY_NONE,
@@ -67,7 +67,6 @@ from tdproxy.dataplane.lifecycle import (
     BUSY,
     CLOSED,
     CLOSING,
-    CONNECTING,
     DONE,
     ENDING,
     HEAD,
@@ -78,11 +77,8 @@ from tdproxy.dataplane.lifecycle import (
     TUNNEL,
     WAITING,
     connection_state_name,
-    exchange_state_name,
 )
 from tdproxy.dataplane.relay import ResponseRelay
-from tdproxy.dataplane.upstream import UpstreamConnection
-from tdproxy.routing.table import Target
 
 log = logging.getLogger("tdproxy.dataplane")
 
@@ -91,14 +87,13 @@ PIPELINE_LIMIT = 16
 # While a request is in progress, a large read is parsed in slices of this size, so that the
 # pipeline queue stops growing at PIPELINE_LIMIT plus what one slice can hold.
 PARSE_SLICE = 4096
-REPLAY_LIMIT = 64 * 1024
 # Bytes of chunked framing allowed beyond the body: per chunk (size line, CRLFs, a short
 # extension) plus a fixed allowance for the first read and trailers.
 CHUNK_OVERHEAD_PER_CHUNK = 256
 CHUNK_OVERHEAD_BASE = 96 * 1024
 
 
-class ClientConnection(ResponseRelay):
+class ClientConnection(BackendDispatch, ResponseRelay):
     """One accepted client connection: reads requests, picks backends, answers in order."""
 
     __slots__ = (
@@ -140,7 +135,6 @@ class ClientConnection(ResponseRelay):
             self.transport.abort()
             self.lost()
             return
-        ctx.connections.add(self)
         if self._named_peer is not None:
             self.peer = self._named_peer
         else:
@@ -148,7 +142,23 @@ class ClientConnection(ResponseRelay):
             if peer:
                 self.peer = str(peer[0]).encode()
         self._peer_fields = ctx.peer_fields(self.peer, ctx.scheme)
+        if ctx.http2 and _chose_h2(transport):
+            self._become_h2()
+            return
+        ctx.connections.add(self)
         self.deadline = ctx.clock.now + ctx.settings.idle
+
+    def _become_h2(self) -> None:
+        """The client chose HTTP/2 by ALPN: an H2ClientConnection takes the transport."""
+        from tdproxy.dataplane.h2_server import H2ClientConnection
+
+        transport = self.transport
+        assert transport is not None
+        h2 = H2ClientConnection(self.ctx, self.peer, self._peer_fields)
+        self.transport = None
+        self.state = CLOSED
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         self.progress = self.ctx.clock.now
@@ -422,135 +432,9 @@ class ClientConnection(ResponseRelay):
         if exchange.body_buffered > BODY_BUFFER_LIMIT:
             self._set_pause(PAUSE_BUFFER, True)
 
-    # -- choosing a backend and connecting --------------------------------------------------
-
     def _start(self, exchange: Exchange) -> None:
-        """The exchange's turn has come: answer a refusal, or choose a backend and send."""
         self._active = exchange
-        if exchange.refusal:
-            self._respond_error(exchange, exchange.refusal)
-            return
-        table = self.ctx.router.table
-        exchange.table = table
-        target = table.pick(exchange.cookie, exchange.override)
-        if target is None:
-            self._respond_error(exchange, 503)
-            return
-        if table.sticky:
-            exchange.set_cookie = table.sticky_cookie_for(
-                target, exchange.cookie, exchange.override
-            )
-        self._dispatch(exchange, target)
-
-    def _enter(self, exchange: Exchange, state: int) -> bool:
-        if state in EXCHANGE_NEXT[exchange.state]:
-            exchange.state = state
-            return True
-        self.bug(
-            f"exchange state {exchange_state_name(exchange.state)} -> {exchange_state_name(state)}"
-        )
-        return False
-
-    def _dispatch(self, exchange: Exchange, target: Target) -> None:
-        exchange.target_backend = target
-        exchange.tried.append(target)
-        target.state.in_flight += 1
-        exchange.counted = True
-        up = target.endpoint.pool.get()
-        if up is not None:
-            self._attach(exchange, up)
-        elif self._enter(exchange, CONNECTING):
-            exchange.deadline = INF  # the connect task is bounded by timeouts.connect
-            self.ctx.spawn(self._connect(exchange, target))
-
-    async def _connect(self, exchange: Exchange, target: Target) -> None:
-        loop = self.ctx.loop
-        endpoint = target.endpoint
-        try:
-            _, up = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: UpstreamConnection(endpoint.pool),
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=endpoint.ssl_context,
-                    server_hostname=endpoint.server_hostname,
-                ),
-                self.ctx.settings.connect,
-            )
-        except TimeoutError:
-            self._connect_failed(exchange, target, "timeout")
-            return
-        except (OSError, ValueError) as exc:
-            log.debug("connect to %s failed: %s", target.name, exc)
-            self._connect_failed(exchange, target, "connect")
-            return
-        if exchange is not self._active or exchange.state != CONNECTING:
-            up.release(self.ctx.clock.now)  # the client left meanwhile: keep it for another
-            return
-        if not up.usable():
-            # Accepted, then closed before we could write: nothing was sent, try elsewhere.
-            self._connect_failed(exchange, target, "connect")
-            return
-        self._attach(exchange, up)
-
-    def _connect_failed(self, exchange: Exchange, target: Target, kind: str) -> None:
-        target.state.record_error(kind)
-        self.ctx.on_passive_failure(target, kind)
-        if exchange is not self._active or exchange.state != CONNECTING:
-            return
-        exchange.end_attempt()
-        # Nothing of the request reached any backend: any method may go elsewhere.
-        if self._retry(exchange, target, replay=False):
-            return
-        self._respond_error(exchange, 504 if kind == "timeout" else 502)
-
-    def _attach(self, exchange: Exchange, up: UpstreamConnection) -> None:
-        if WAITING in EXCHANGE_NEXT[exchange.state]:  # _enter, inlined on the per-request path
-            exchange.state = WAITING
-        else:
-            up.release(self.ctx.clock.now)
-            self._enter(exchange, WAITING)  # reports the bug
-            return
-        exchange.upstream = up
-        target = exchange.target_backend
-        assert target is not None
-        if exchange.request_done and not self.write_paused:
-            exchange.deadline = self.ctx.clock.now + self.ctx.settings.response_header
-        else:
-            # The body still comes (client_body bounds the client), or the client holds the
-            # backend back (client_send bounds the client; resume_writing re-arms this).
-            exchange.deadline = INF
-        head = exchange.request_head(target)
-        body = exchange.body
-        if body:
-            up.send(self, b"".join([head, *body]), exchange.head_only)  # one send
-            for chunk in body:
-                exchange.capture_replay(chunk, REPLAY_LIMIT)
-            exchange.body = []
-            exchange.body_buffered = 0
-            self._set_pause(PAUSE_BUFFER, False)
-        else:
-            up.send(self, head, exchange.head_only)
-        if self.write_paused:
-            up.set_reading(False)
-
-    def _retry(self, exchange: Exchange, failed: Target, replay: bool) -> bool:
-        """Send the request to another backend; False when none may take it."""
-        if replay and not exchange.replayable():
-            return False
-        table = exchange.table
-        assert table is not None
-        target = table.alternative(exchange.tried)
-        if target is None:
-            return False
-        failed.state.retries += 1
-        if replay:
-            exchange.body = exchange.take_replay()
-            exchange.replayed = True
-        if table.sticky:
-            exchange.set_cookie = target.set_cookie
-        self._dispatch(exchange, target)
-        return True
+        self._route(exchange)
 
     def _upgrade_requested(self, rest: bytes) -> None:
         exchange = self._upgrading
@@ -610,20 +494,7 @@ class ClientConnection(ResponseRelay):
             return
         exchange.deadline = INF
         ctx = self.ctx
-        status = exchange.status
-        target = exchange.target_backend
-        if target is not None:
-            target_state = target.state
-            exchange.end_attempt()
-            target_state.record_response(
-                status, ctx.clock.second, time.monotonic() - exchange.monotonic_start
-            )
-            if not exchange.generated:
-                target_state.consecutive_failures = 0
-        else:
-            ctx.count_unrouted(status)
-        if ctx.access_log is not None:
-            ctx.access_log.log(exchange, exchange.client or self.peer, status, ctx.clock)
+        account(ctx, exchange, self.peer)
         if exchange is self._active:
             self._active = None
         if self._pause_bits & PAUSE_UPSTREAM:
@@ -774,6 +645,11 @@ class ClientConnection(ResponseRelay):
             f"<ClientConnection {self.peer.decode()} {connection_state_name(self.state)} "
             f"active={self._active!r} queued={len(self._queue)}>"
         )
+
+
+def _chose_h2(transport: asyncio.BaseTransport) -> bool:
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
 
 
 class _Reject(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tdproxy.config.model import Config
 from tdproxy.dataplane.exchange import PeerFields
@@ -13,11 +13,19 @@ from tdproxy.dataplane.forwarded import TrustedProxies
 from tdproxy.dataplane.lifecycle import BACKSTOP_SLACK, LINGER_SECONDS
 
 if TYPE_CHECKING:
-    from tdproxy.dataplane.client import ClientConnection
     from tdproxy.dataplane.endpoints import Endpoints
     from tdproxy.observability.access_log import AccessLog
     from tdproxy.routing.router import Router
     from tdproxy.routing.table import Target
+
+
+class Connection(Protocol):
+    """An accepted client connection, as the entrypoint's sweeper and shutdown see it: an
+    HTTP/1.1 ClientConnection or an HTTP/2 H2ClientConnection."""
+
+    def check_deadline(self, now: float) -> None: ...
+    def shutdown(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class Settings:
@@ -94,6 +102,7 @@ class ProxyContext:
         "clock",
         "connections",
         "endpoints",
+        "http2",
         "loop",
         "max_connections",
         "on_passive_failure",
@@ -122,10 +131,12 @@ class ProxyContext:
         self.max_connections = config.limits.max_connections
         self.scheme = b"https" if config.entrypoint.tls else b"http"
         self.trusted_proxies = trusted_proxies(config)
+        # A TLS connection that chose h2 by ALPN becomes an H2ClientConnection (set at start).
+        self.http2 = config.entrypoint.tls is not None and config.entrypoint.http2
         self.access_log = access_log
         self.on_passive_failure = on_passive_failure
         self.clock = Clock(loop)
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         # Requests answered without a backend (refused, none available, client gone first), by

@@ -82,9 +82,14 @@ def error_response(code: int, close: bool = True) -> bytes:
     return _ERRORS.get((code, close)) or _error_response(code, close)
 
 
-def error_body_length(code: int) -> int:
+def error_body(code: int) -> bytes:
+    """The plain-text body of :func:`error_response` alone (for HTTP/2, which frames it)."""
     response = error_response(code)
-    return len(response) - response.index(b"\r\n\r\n") - 4
+    return response[response.index(b"\r\n\r\n") + 4 :]
+
+
+def error_body_length(code: int) -> int:
+    return len(error_body(code))
 
 
 def split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:

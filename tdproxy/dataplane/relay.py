@@ -203,28 +203,6 @@ class ResponseRelay(ClientIO):
             up.detach()
         self._finish(exchange, DONE, keep=exchange.keep_client)
 
-    def upstream_lost(self, up: UpstreamConnection) -> None:
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            self.bug("an upstream this connection does not hold was lost")
-            return
-        if exchange.state == RELAYING and exchange.until_close and up.eof:
-            # Read-until-close framing: a clean end of the connection is the end of the body.
-            # A reset is not: that body is cut short and must not look complete.
-            self.upstream_done(up, keep_alive=False)
-            return
-        if exchange.state == WAITING and up.reused and not up.got_bytes and exchange.replayable():
-            # A pooled connection the backend had already closed: try again, same backend.
-            exchange.upstream = None
-            target = exchange.target_backend
-            assert target is not None
-            exchange.tried.remove(target)
-            exchange.end_attempt()
-            exchange.body = exchange.take_replay()
-            self._dispatch(exchange, target)
-            return
-        self.upstream_failed(up, "reset")
-
     def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
         """The upstream broke (``kind``: reset, timeout, protocol) during an exchange."""
         exchange = self._active
@@ -297,9 +275,6 @@ class ResponseRelay(ClientIO):
 
     def _closing_after(self, exchange: Exchange) -> bool:
         """Will the connection close after this exchange's answer (Connection: close)?"""
-        raise NotImplementedError
-
-    def _dispatch(self, exchange: Exchange, target: Target) -> None:
         raise NotImplementedError
 
     def _retry(self, exchange: Exchange, failed: Target, replay: bool) -> bool:

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 An :class:`UpstreamConnection` carries one exchange at a time (no upstream pipelining). The
 client side attaches it with :meth:`send`, the response is parsed with httptools and handed back
-to the owning :class:`~tdproxy.dataplane.client.ClientConnection` through four calls:
+to the owner (an HTTP/1.1 :class:`~tdproxy.dataplane.client.ClientConnection` or an HTTP/2
+stream, see :class:`UpstreamClient`) through four calls:
 ``upstream_head``, ``upstream_body``, ``upstream_done`` and ``upstream_failed``. Completion is
 reported only after ``feed_data`` returns, so the client may reuse or pool this connection
 without re-entering the parser.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -32,11 +33,31 @@ from tdproxy.dataplane.errors import BadResponse
 from tdproxy.dataplane.pool import UpstreamPool
 
 if TYPE_CHECKING:
-    from tdproxy.dataplane.client import ClientConnection
+    from tdproxy.dataplane.context import ProxyContext
 
 log = logging.getLogger("tdproxy.upstream")
 # A backend's response head larger than this is a broken response (502), not something to buffer.
 MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class UpstreamClient(Protocol):
+    """What an upstream connection reports to: an HTTP/1.1 client connection, or an HTTP/2
+    stream."""
+
+    ctx: ProxyContext
+    progress: float
+
+    def begin_batch(self) -> bool: ...
+    def flush_batch(self) -> None: ...
+    def upstream_head(
+        self, up: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None: ...
+    def upstream_body(self, body: bytes) -> None: ...
+    def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None: ...
+    def upstream_lost(self, up: UpstreamConnection) -> None: ...
+    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None: ...
+    def upstream_upgraded(self, up: UpstreamConnection, rest: bytes) -> bool: ...
+    def upstream_write_paused(self, up: UpstreamConnection, paused: bool) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -64,7 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.client: ClientConnection | None = None
+        self.client: UpstreamClient | None = None
         self.tunnel: asyncio.Transport | None = None
         self.alive = True
         self.reused = False
@@ -218,7 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         return self.alive and transport is not None and not transport.is_closing()
 
-    def send(self, client: ClientConnection, head: bytes, head_only: bool) -> None:
+    def send(self, client: UpstreamClient, head: bytes, head_only: bool) -> None:
         """Attach to ``client`` and write the request head."""
         self.client = client
         self.head_only = head_only

@@ -305,3 +305,53 @@ def test_invalid_entries_stop_the_start(tmp_path: Path, blue: BackendProcess) ->
     assert (
         "entrypoint.trusted_proxies[1]: 'lb' is not an IP address" in result.stdout + result.stderr
     )
+
+
+def test_http2_after_the_header_and_the_handshake(
+    blue: BackendProcess, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """PROXY header, then TLS choosing h2 by ALPN: the stream's request names the client."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, StreamEnded
+
+    cert, key = make_self_signed(tmp_path, ("127.0.0.1",))
+    proxy = proxy_factory(
+        proxy_config(
+            [("blue", blue.url, 1)],
+            entrypoint={
+                "proxy_protocol": True,
+                "http2": True,
+                "tls": {"certificate": str(cert), "key": str(key)},
+            },
+        )
+    )
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((proxy.host, proxy.port), timeout=HTTP_TIMEOUT) as raw:
+        raw.sendall(proxy_header.v2("203.0.113.40", "127.0.0.1"))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+            h2.initiate_connection()
+            h2.send_headers(
+                1,
+                [(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/echo")],
+                end_stream=True,
+            )
+            tls.sendall(h2.data_to_send())
+            body = b""
+            ended = False
+            while not ended:
+                data = tls.recv(65536)
+                assert data, "closed before the answer"
+                for event in h2.receive_data(data):
+                    if isinstance(event, DataReceived):
+                        body += event.data
+                        h2.acknowledge_received_data(len(event.data), event.stream_id)
+                    ended = ended or isinstance(event, StreamEnded)
+                tls.sendall(h2.data_to_send())
+    headers = {name.lower(): value for name, value in json.loads(body)["headers"]}
+    assert headers["x-real-ip"] == "203.0.113.40"
+    assert headers["x-forwarded-for"] == "203.0.113.40"
+    assert headers["x-forwarded-proto"] == "https"
