@@ -9,8 +9,10 @@ the header comes before the handshake. The backend's ``/echo`` reports what it r
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +23,14 @@ import pytest
 from tests.fakes import proxy_header
 from tests.fakes.client import RawClient
 from tests.fakes.process import (
+    LOCALHOST,
     BackendProcess,
     ProxyFactory,
     ProxyProcess,
     free_port,
     proxy_config,
     start_tdproxy,
+    wait_for_port,
     wait_until,
 )
 from tests.fakes.tls import make_self_signed
@@ -355,3 +359,54 @@ def test_http2_after_the_header_and_the_handshake(
     assert headers["x-real-ip"] == "203.0.113.40"
     assert headers["x-forwarded-for"] == "203.0.113.40"
     assert headers["x-forwarded-proto"] == "https"
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_behind_a_real_haproxy(
+    blue: BackendProcess, proxy_factory: ProxyFactory, tmp_path: Path, send_proxy: str
+) -> None:
+    """HAProxy in TCP mode sends the header (v1 or v2); the backend sees the client HAProxy
+    accepted (connecting from 127.0.0.2), and HAProxy's own address is the trusted peer."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    proxy = proxy_factory(
+        proxy_config(
+            [("blue", blue.url, 1)],
+            entrypoint={"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"]},
+        )
+    )
+    front = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"
+        "  timeout server 30s\n"
+        f"frontend fe\n  bind 127.0.0.1:{front}\n  default_backend be\n"
+        f"backend be\n  server td {proxy.host}:{proxy.port} {send_proxy}\n"
+    )
+    process = subprocess.Popen(
+        [haproxy, "-db", "-f", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(LOCALHOST, front, alive=lambda: process.poll() is None)
+        with RawClient(LOCALHOST, front, source="127.0.0.2") as raw:
+            for _ in range(2):
+                response = raw.request("GET", "/echo", headers=[("X-Forwarded-For", "6.6.6.6")])
+                assert response.status == 200, response
+                assert forwarded(response) == {
+                    "x-forwarded-for": "6.6.6.6, 127.0.0.2",
+                    "x-forwarded-proto": "http",
+                    "x-real-ip": "127.0.0.2",
+                }
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
