@@ -40,7 +40,9 @@ from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
 from tdproxy.observability.log_output import QueuedLogHandler, stderr_writer
 from tdproxy.routing.router import Router
+from tdproxy.routing.state import BackendState
 from tdproxy.routing.table import RoutingTable, Target
+from tdproxy.workers.report import WorkersReport, single_process_report
 
 log = logging.getLogger("tdproxy")
 
@@ -83,7 +85,6 @@ class App:
     # -- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         config = self.config
         if config.health_check.enabled:
             # One round before accepting: a dead environment gets no traffic from the start.
@@ -95,8 +96,29 @@ class App:
         self.changes.record(
             "config", "start", self.router.generation, start_summary(shares, down), weights, shares
         )
+        await self._start_data_plane()
+        self.health.start()
+        self.slow_start.start()
+        await self.admin.start(self, config.admin.address, config.admin.port)
+        if self.config_path is not None:
+            self.watcher = ConfigWatcher(self.config_path, lambda text: self.reload("file", text))
+            self.watcher.start()
+        self.reload_history.record(
+            ReloadOutcome(True, time.time(), "start", self.router.generation)
+        )
+        log.info("routing: %s", describe_distribution(self.router))
+
+    async def _start_data_plane(self) -> None:
+        """The entrypoint (and the redirect port), served by this process's own event loop.
+        A supervisor of worker processes starts those instead (``tdproxy.workers``)."""
+        config = self.config
         self.ctx = ProxyContext(
-            loop, self.router, config, _access_log(config), self.passive_failure, self.endpoints
+            asyncio.get_running_loop(),
+            self.router,
+            config,
+            _access_log(config),
+            self.passive_failure,
+            self.endpoints,
         )
         self.entrypoint = Entrypoint(self.ctx, config)
         await self.entrypoint.start()
@@ -109,16 +131,6 @@ class App:
                     config.entrypoint.address, redirect_port, self.entrypoint.port
                 )
             await self.redirect.start()
-        self.health.start()
-        self.slow_start.start()
-        await self.admin.start(self, config.admin.address, config.admin.port)
-        if self.config_path is not None:
-            self.watcher = ConfigWatcher(self.config_path, lambda text: self.reload("file", text))
-            self.watcher.start()
-        self.reload_history.record(
-            ReloadOutcome(True, time.time(), "start", self.router.generation)
-        )
-        log.info("routing: %s", describe_distribution(self.router))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -180,14 +192,17 @@ class App:
         log.info("stopping: draining connections (grace %gs)", grace)
         if self.watcher is not None:
             await self.watcher.stop()
-        if self.redirect is not None:
-            await self.redirect.stop()
-        if self.entrypoint is not None:
-            await self.entrypoint.shutdown(grace)
+        await self._stop_data_plane(grace)
         await self.health.stop()
         await self.slow_start.stop()
         await self.admin.stop()
         log.info("stopped")
+
+    async def _stop_data_plane(self, grace: float) -> None:
+        if self.redirect is not None:
+            await self.redirect.stop()
+        if self.entrypoint is not None:
+            await self.entrypoint.shutdown(grace)
 
     @property
     def draining(self) -> bool:
@@ -199,12 +214,21 @@ class App:
     def unrouted_requests(self) -> dict[int, int]:
         return dict(self.ctx.unrouted) if self.ctx is not None else {}
 
+    def workers_report(self) -> WorkersReport:
+        """One process serves: itself (a supervisor reports its workers instead)."""
+        return single_process_report(
+            self.router.states, self.connections_active(), self.router.generation
+        )
+
     # -- observed failures ------------------------------------------------------------------
 
     def passive_failure(self, target: Target, kind: str) -> None:
         """A connect error or timeout on real traffic; enough in a row mark the backend down."""
-        state = target.state
-        state.consecutive_failures += 1
+        target.state.consecutive_failures += 1
+        self._check_passive(target.state, kind)
+
+    def _check_passive(self, state: BackendState, kind: str) -> None:
+        """``state.consecutive_failures`` grew: mark the backend down once it reaches the limit."""
         limit = self.config.health_check.passive.max_failures
         # Only active checks bring a backend back, so without them nothing is marked down.
         if not self.config.health_check.enabled or limit == 0:
@@ -277,6 +301,15 @@ class App:
         # serve, as at start-up: bounded by health_check.timeout plus half a second.
         unchecked = prepared.unchecked
         results = await self.health.first_checks(unchecked, prepared.config.health_check)
+        refused = await self._prepare_data_plane(prepared)
+        if refused:
+            log.error(
+                "reload (%s) failed, still serving generation %d: %s",
+                trigger,
+                generation,
+                "; ".join(refused),
+            )
+            return _failed(trigger, generation, refused)
         # Everything is built; from here on nothing can fail.
         kept_out = self.health.admit(unchecked, results)
         before = _split(self.router.table)
@@ -312,6 +345,11 @@ class App:
             True, time.time(), trigger, table.generation, tuple(changes), (), tuple(pending)
         )
 
+    async def _prepare_data_plane(self, prepared: _Prepared) -> list[str]:
+        """Have the data plane build the new generation too, before the swap; the reasons it
+        cannot (none here: this process's data plane reads ``router.table`` directly)."""
+        return []
+
     def _prepare(self, path: str, text: str | None) -> _Prepared | None:
         """Everything a reload does before the swap (in a worker thread; it changes nothing).
         None when the content is the one already applied."""
@@ -338,13 +376,23 @@ class App:
 
     def _reload_unchanged(self, trigger: str) -> ReloadOutcome:
         changes = ["configuration unchanged"]
-        if self.entrypoint is not None and self.config.entrypoint.tls is not None:
-            self.entrypoint.reload_tls(self.config)
+        if self.config.entrypoint.tls is not None and self._reload_tls_files():
             changes.append("TLS certificate files re-read")
         log.info("reload (%s): %s", trigger, "; ".join(changes))
         return ReloadOutcome(True, time.time(), trigger, self.router.generation, tuple(changes))
 
+    def _reload_tls_files(self) -> bool:
+        if self.entrypoint is None:
+            return False
+        self.entrypoint.reload_tls(self.config)
+        return True
+
     def _apply_settings(self, new: Config) -> None:
+        self._apply_data_plane(new)
+        self.health.update(new.health_check)
+
+    def _apply_data_plane(self, new: Config) -> None:
+        """The swap is done: the data plane takes the new timeouts, limits, log and TLS files."""
         ctx = self.ctx
         if ctx is not None:
             ctx.settings = Settings(new)
@@ -355,7 +403,6 @@ class App:
             ctx.access_log = _access_log(new)
         if self.entrypoint is not None:
             self.entrypoint.reload_tls(new)
-        self.health.update(new.health_check)
 
 
 def _split(table: RoutingTable) -> tuple[dict[str, int], dict[str, float]]:

@@ -1,4 +1,5 @@
-"""Command line: ``tdproxy run``, ``check``, ``weights``, ``demo``, ``demo-backend``."""
+"""Command line: ``tdproxy run``, ``check``, ``weights``, ``rollout``, ``demo``,
+``demo-backend``."""
 
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ import sys
 from typing import Any
 
 from tdproxy import __version__, weights
-from tdproxy.config.loader import (
-    ConfigError,
-    parse_config_text,
-    read_config_text,
-    resolve_path,
-)
+from tdproxy.config.loader import ConfigError, resolve_path
 from tdproxy.config.model import Config
-from tdproxy.config.writer import NotWritable, replace_file
+from tdproxy.config.writer import NotWritable
 from tdproxy.config.yaml_edit import EditError
 from tdproxy.controlplane import status_client
 from tdproxy.controlplane.signals import EarlySignals, ignore_all
 from tdproxy.observability import log_output
+from tdproxy.weights_file import WeightEdit, check_text, load_and_build, prepare_weights
+
+__all__ = ["check_text", "load_and_build", "main"]
 
 EXIT_CANNOT_WRITE = 1
 EXIT_INVALID_CONFIG = 2
@@ -39,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", "-c", help=config_help)
     _add_weights(commands, config_help)
+    _add_rollout(commands, config_help)
     demo = commands.add_parser("demo", help="two demo environments behind the distributor")
     demo.add_argument("--port", type=int, default=8080, help="entrypoint port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=9901, help="admin port (default 9901)")
@@ -68,12 +68,63 @@ def _add_weights(commands: Any, config_help: str) -> None:
         sub.add_argument("--config", "-c", help=config_help, default=argparse.SUPPRESS)
 
 
+def _add_rollout(commands: Any, config_help: str) -> None:
+    rollout = commands.add_parser(
+        "rollout",
+        help="move traffic to one backend step by step, judged on the proxy's metrics",
+        description="Move traffic to --to in --steps, each held for --interval and judged on "
+        "the running proxies' own metrics for it; roll back to the weights before the first "
+        "step on failure. Exit 0 promoted, 3 rolled back, 2 invalid, 1 cannot write the file, "
+        "130/143 interrupted (rolled back).",
+    )
+    rollout.add_argument("--to", required=True, metavar="NAME", help="the backend to promote")
+    rollout.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        metavar="NAME",
+        help="a backend to take traffic from (repeatable; default: every other non-backup one)",
+    )
+    rollout.add_argument(
+        "--steps", required=True, help="to's percentage at each step, ending at 100: 5,25,50,100"
+    )
+    rollout.add_argument("--interval", required=True, help="how long each step lasts: 2m, 30s")
+    rollout.add_argument(
+        "--max-error-rate", default="0.01", help="a step over this fails (default 0.01 = 1%%)"
+    )
+    rollout.add_argument(
+        "--max-p99", default="800ms", help="a step with a slower p99 fails; off: not judged"
+    )
+    rollout.add_argument(
+        "--min-requests",
+        type=int,
+        default=100,
+        help="requests a step needs to be judged (default 100); fewer extend it",
+    )
+    rollout.add_argument("--config", "-c", help=config_help)
+    rollout.add_argument(
+        "--admin",
+        action="append",
+        metavar="URL",
+        help="a proxy's admin url (repeatable, metrics summed; default: the config's admin)",
+    )
+    rollout.add_argument("--token", help="admin token (default: the config's admin token)")
+    rollout.add_argument(
+        "--dry-run", action="store_true", help="print the plan and exit; nothing written or asked"
+    )
+    rollout.add_argument("--json", action="store_true", help="one JSON object per event line")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(resolve_path(args.config))
     if args.command == "weights":
         return _weights(args)
+    if args.command == "rollout":
+        from tdproxy.rollout import runner
+
+        return runner.main(args)
     if args.command == "run":
         return _run(resolve_path(args.config))
     from tdproxy import demo
@@ -86,27 +137,22 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(config: Config, path: str, text: str, early: EarlySignals) -> None:
     from tdproxy.app import App
 
-    await App(config, path, text).serve(early.received)
+    workers = worker_count(config)
+    if workers == 1:
+        await App(config, path, text).serve(early.received)
+        return
+    from tdproxy.workers.supervisor import Supervisor
+
+    await Supervisor(config, workers, path, text).serve(early.received)
 
 
-def load_and_build(path: str) -> tuple[str, Config]:
-    """Read, parse and validate the file, and build its routing table once, as a reload does:
-    every failure, expected or not, is a :class:`ConfigError` that says what went wrong."""
-    text = read_config_text(path)
-    return text, check_text(text, path)
+def worker_count(config: Config) -> int:
+    """``workers`` as a number: ``auto`` is the CPUs this process may use."""
+    if config.workers == "auto":
+        from tdproxy.workers.cpus import available_cpus
 
-
-def check_text(text: str, path: str) -> Config:
-    """Parse and validate ``text`` and build its routing table once, as :func:`load_and_build`."""
-    from tdproxy.dataplane.endpoints import Endpoints
-    from tdproxy.routing.router import Router
-
-    config = parse_config_text(text, path)
-    try:
-        Router(config, Endpoints())
-    except Exception as exc:
-        raise ConfigError(path, [f"cannot build the routing table: {exc}"]) from None
-    return config
+        return available_cpus()
+    return config.workers
 
 
 def _check(path: str) -> int:
@@ -158,52 +204,30 @@ def _weights(args: argparse.Namespace) -> int:
             new = weights.swapped(config)
         else:
             new = weights.parse_assignments(args.assignments, config)
-        new_text = _edit_checked(path, text, config, new)
+        edit = prepare_weights(path, new, text=text, config=config)
     except ConfigError as exc:
         print(exc.describe(), file=sys.stderr)
         return EXIT_INVALID_CONFIG
     except (weights.WeightsError, EditError) as exc:
         print(f"{path}: {exc}; the file is unchanged", file=sys.stderr)
         return EXIT_INVALID_CONFIG
-    return _write_weights(args, path, text, new_text, config, new)
+    return _write_weights(args, edit)
 
 
-def _edit_checked(path: str, text: str, config: Config, new: dict[str, int]) -> str:
-    """The file's text with the new weights, validated as ``tdproxy check`` would."""
-    new_text = weights.edited_text(text, config, new)
-    try:
-        after = check_text(new_text, path)
-    except ConfigError as exc:
-        raise weights.WeightsError(
-            "the new weights would make the config invalid: " + "; ".join(exc.errors)
-        ) from None
-    problems = weights.side_effects(config, after, new)
-    if problems:
-        raise weights.WeightsError("; ".join(problems))
-    return new_text
-
-
-def _write_weights(
-    args: argparse.Namespace,
-    path: str,
-    text: str,
-    new_text: str,
-    config: Config,
-    new: dict[str, int],
-) -> int:
-    lines = "\n".join(weights.change_lines(config, new))
-    if new_text == text:
+def _write_weights(args: argparse.Namespace, edit: WeightEdit) -> int:
+    lines = "\n".join(weights.change_lines(edit.config, edit.new))
+    if not edit.changed:
         print(lines + "\nno change: the file is left as it is")
         return 0
-    url = status_client.status_url(config.admin)
+    url = status_client.status_url(edit.config.admin)
     before = status_client.fetch_status(url) if url else None
     try:
-        replace_file(path, new_text)
+        edit.write()
     except NotWritable as exc:
         _explain_not_writable(args, exc)
         return EXIT_CANNOT_WRITE
     print(lines)
-    _report_proxy(url, before, {**weights.weights_of(config), **new})
+    _report_proxy(url, before, edit.after)
     return 0
 
 

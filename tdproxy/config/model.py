@@ -306,7 +306,25 @@ class AccessLog(_Model):
     format: Literal["json", "combined"] = "json"
 
 
+MAX_WORKERS = 1024
+
+
+def _check_workers(value: object) -> object:
+    """``workers``: a whole number of processes, or ``auto`` (the CPUs this process may use)."""
+    if value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f"must be a whole number from 1 to {MAX_WORKERS}, or auto")
+
+
+Workers = Annotated[int | Literal["auto"], BeforeValidator(_check_workers)]
+
+
 class Config(_Model):
+    # Data-plane processes: 1 = one process, as always; N > 1 = a supervisor and N workers
+    # (tdproxy.workers); auto = the CPUs this process may use. A restart applies a change.
+    workers: Workers = 1
     entrypoint: Entrypoint = Entrypoint()
     routing: Routing = Routing()
     backends: tuple[Backend, ...] = Field(min_length=1)

@@ -54,6 +54,7 @@ from tdproxy.observability.metrics import (
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import SHARE_WINDOW_SECONDS, BackendState
 from tdproxy.routing.table import RoutingTable, Target
+from tdproxy.workers.report import WorkersReport, WorkersStatus
 
 log = logging.getLogger("tdproxy.admin")
 
@@ -79,6 +80,8 @@ class AdminSource(Protocol):
     def connections_active(self) -> int: ...
 
     def unrouted_requests(self) -> dict[int, int]: ...
+
+    def workers_report(self) -> WorkersReport: ...
 
     async def reload(self, trigger: str) -> ReloadOutcome: ...
 
@@ -137,6 +140,8 @@ class StatusDoc(TypedDict):
     reloads: dict[str, int]  # success / failure counts (as tdproxy_config_reloads_total)
     last_reload: ReloadStatus | None
     backends: list[BackendStatus]
+    # the data-plane processes: configured, live, restarts, and one entry per process
+    workers: WorkersStatus
 
 
 class Counts(NamedTuple):
@@ -249,6 +254,7 @@ def build_status(source: AdminSource, window: RecentWindow, now: float | None = 
         "reloads": dict(history.reloads),
         "last_reload": outcome_json(last) if last is not None else None,
         "backends": backends,
+        "workers": source.workers_report().to_json(),
     }
 
 
@@ -370,6 +376,8 @@ class _Handlers:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.source.draining:
             return web.Response(status=503, text="not ready: shutting down\n")
+        if self.source.workers_report().live == 0:
+            return web.Response(status=503, text="not ready: no worker process is serving\n")
         table = self.source.router.table
         if is_ready(table):
             names = ", ".join(t.name for t in table.eligible() if t.state.healthy)

@@ -197,6 +197,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         )
     if old.entrypoint.http2 != new.entrypoint.http2:
         pending.append("entrypoint.http2 turned " + ("on" if new.entrypoint.http2 else "off"))
+    if old.workers != new.workers:
+        pending.append(f"workers {old.workers} -> {new.workers}")
     if (old.admin.address, old.admin.port) != (new.admin.address, new.admin.port):
         pending.append(
             f"admin {old.admin.address}:{old.admin.port} -> {new.admin.address}:{new.admin.port}"

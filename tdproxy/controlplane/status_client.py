@@ -1,12 +1,14 @@
-"""Ask a running tdproxy's admin server for its status: used by ``tdproxy weights`` to tell
-whether the proxy has applied a changed file.
+"""Ask a running tdproxy's admin server for its status and metrics: used by ``tdproxy weights``
+to tell whether the proxy has applied a changed file, and by ``tdproxy rollout`` to judge a step.
 
-GET endpoints need no token (see :mod:`.admin`), so none is sent. Everything blocks with short
-timeouts: this runs in the command line tool, never inside the proxy.
+GET endpoints need no token (see :mod:`.admin`); a token given here is sent anyway, as a bearer
+token, for an admin server behind a guard that asks for one on every request. Everything blocks
+with short timeouts: this runs in the command line tool, never inside the proxy.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -25,21 +27,46 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
-def status_url(admin: Admin) -> str | None:
-    """Where the admin server of a config answers, or ``None`` when its port is chosen at start."""
+STATUS_PATH = "/api/v1/status"
+METRICS_PATH = "/metrics"
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a status document or scrape bigger than this is refused
+
+
+def admin_url(admin: Admin) -> str | None:
+    """The base url of a config's admin server, or ``None`` when its port is chosen at start."""
     if admin.port == 0:
         return None
     host = _LOOPBACK.get(admin.address, admin.address)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{admin.port}/api/v1/status"
+    return f"http://{host}:{admin.port}"
 
 
-def fetch_status(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+def status_url(admin: Admin) -> str | None:
+    """Where the admin server of a config answers, or ``None`` when its port is chosen at start."""
+    base = admin_url(admin)
+    return None if base is None else base + STATUS_PATH
+
+
+def fetch(url: str, timeout: float = 1.0, token: str | None = None) -> bytes:
+    """The body of a GET to ``url``; ``OSError`` when it fails (refused, timed out, not 200)."""
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            body: bytes = response.read(MAX_ANSWER_BYTES + 1)
+    except http.client.HTTPException as exc:  # a broken answer: IncompleteRead, BadStatusLine
+        raise OSError(f"broken answer from {url}: {exc!r}") from None
+    if len(body) > MAX_ANSWER_BYTES:
+        raise OSError(f"the answer from {url} is larger than {MAX_ANSWER_BYTES} bytes")
+    return body
+
+
+def fetch_status(url: str, timeout: float = 1.0, token: str | None = None) -> dict[str, Any] | None:
     """The status document, or ``None`` when nothing answers there as a tdproxy would."""
     try:
-        with _OPENER.open(url, timeout=timeout) as response:
-            document = json.loads(response.read())
+        document = json.loads(fetch(url, timeout, token))
     except (OSError, ValueError):  # refused, timed out, an HTTP error, not JSON
         return None
     if not isinstance(document, dict) or not isinstance(document.get("generation"), int):

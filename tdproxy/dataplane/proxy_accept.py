@@ -74,8 +74,11 @@ class ProxyProtocolListener:
         port: int,
         ssl_context: ssl.SSLContext | None,
         factory: ConnectionFactory = ClientConnection,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self.ctx = ctx
+        self.reuse_port = reuse_port  # worker processes each listen on the same port
         self.address = address
         self.port = port
         self.ssl_context = ssl_context
@@ -101,6 +104,8 @@ class ProxyProtocolListener:
                 sock = socket.socket(family, kind, proto)
                 self.sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     # As loop.create_server does: an IPv6 listener takes IPv6 only.
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

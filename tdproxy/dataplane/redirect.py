@@ -28,7 +28,10 @@ def https_location(host: str, path_qs: str, https_port: int) -> str:
 
 
 class RedirectServer:
-    def __init__(self, address: str, port: int, https_port: int) -> None:
+    def __init__(
+        self, address: str, port: int, https_port: int, *, reuse_port: bool = False
+    ) -> None:
+        self.reuse_port = reuse_port  # worker processes each listen on the same port
         self.address = address
         self.port = port
         self.https_port = https_port
@@ -45,7 +48,9 @@ class RedirectServer:
         app.router.add_route("*", "/{tail:.*}", self._redirect)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.address, self.port)
+        site = web.TCPSite(
+            self._runner, self.address, self.port, reuse_port=self.reuse_port or None
+        )
         await site.start()
         log.info("redirecting http://%s:%d to https", self.address, self.port)
 

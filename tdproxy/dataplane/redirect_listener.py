@@ -88,8 +88,11 @@ class RedirectConnection(ClientConnection):
 class RedirectListener:
     """The redirect port, accepted by the data plane (plain HTTP, PROXY header if configured)."""
 
-    def __init__(self, ctx: ProxyContext, config: Config, https_port: int) -> None:
+    def __init__(
+        self, ctx: ProxyContext, config: Config, https_port: int, *, reuse_port: bool = False
+    ) -> None:
         self.ctx = ctx
+        self.reuse_port = reuse_port  # worker processes each listen on the same port
         self.address = config.entrypoint.address
         self.port = config.entrypoint.redirect_http_port or 0
         self.https_port = https_port
@@ -102,6 +105,7 @@ class RedirectListener:
                 self.port,
                 None,
                 lambda ctx, peer: RedirectConnection(ctx, peer, https_port),
+                reuse_port=reuse_port,
             )
 
     async def start(self) -> None:
@@ -115,6 +119,7 @@ class RedirectListener:
                 self.port,
                 backlog=2048,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
         log.info(
             "redirecting http://%s:%d to https, except requests a trusted proxy marks https",

@@ -26,8 +26,10 @@ def tls_server_context(certificate: str, key: str, http2: bool = False) -> ssl.S
 
 
 class Entrypoint:
-    def __init__(self, ctx: ProxyContext, config: Config) -> None:
+    def __init__(self, ctx: ProxyContext, config: Config, *, reuse_port: bool = False) -> None:
         self.ctx = ctx
+        # Worker processes each listen on the same port; the kernel spreads new connections.
+        self.reuse_port = reuse_port
         self.address = config.entrypoint.address
         self.port = config.entrypoint.port
         tls = config.entrypoint.tls
@@ -40,11 +42,14 @@ class Entrypoint:
         # PROXY header off each one before asyncio owns it (see proxy_accept).
         self._proxied: ProxyProtocolListener | None = None
         if config.entrypoint.proxy_protocol:
-            self._proxied = ProxyProtocolListener(ctx, self.address, self.port, self.ssl_context)
+            self._proxied = ProxyProtocolListener(
+                ctx, self.address, self.port, self.ssl_context, reuse_port=reuse_port
+            )
 
     async def start(self) -> None:
         loop = self.ctx.loop
         if self._proxied is not None:
+            self._proxied.port = self.port  # a worker is told its port after construction
             await self._proxied.start()
             self.port = self._proxied.port
             self._start_sweeper()
@@ -56,6 +61,7 @@ class Entrypoint:
             ssl=self.ssl_context,
             backlog=2048,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         sockets = self._server.sockets
         if sockets and self.port == 0:

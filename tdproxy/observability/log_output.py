@@ -30,6 +30,9 @@ import time
 from collections.abc import Callable, Sequence
 
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
+# Writes of at most PIPE_BUF bytes to a pipe are atomic: with several processes writing to one
+# pipe (worker processes), batches are cut at line ends below this, so no line is torn.
+PIPE_BUF = 4096
 CLOSE_TIMEOUT = 2.0  # seconds a clean exit waits for queued lines to be written
 # An episode of drops ends when the queue is empty again, but not sooner than this after it
 # began: a reader that keeps falling behind gets a notice a minute, not one per burst.
@@ -50,6 +53,7 @@ class LogWriter:
     ) -> None:
         self.fd = fd
         self.name = name
+        self.shared = False  # other processes write to this fd too: see PIPE_BUF
         self.capacity = capacity
         self.dropped = 0  # lines dropped since start
         self._on_drop = on_drop  # (writer, started): an episode of drops started / ended
@@ -127,7 +131,9 @@ class LogWriter:
             text = "".join(chunks)
             if not self._broken:
                 try:
-                    _write_all(self.fd, text.encode("utf-8", "backslashreplace"))
+                    data = text.encode("utf-8", "backslashreplace")
+                    for piece in line_batches(data) if self.shared else (data,):
+                        _write_all(self.fd, piece)
                 except OSError:
                     self._broken = True  # the reader is gone for good: drop from now on
             ended = False
@@ -154,6 +160,22 @@ def _fitting(lines: Sequence[str], room: int) -> int:
         if used > room:
             return index
     return len(lines)
+
+
+def line_batches(data: bytes, limit: int = PIPE_BUF) -> list[bytes]:
+    """``data`` (whole lines) cut at line ends into pieces of at most ``limit`` bytes; a line
+    longer than that is a piece of its own."""
+    pieces = []
+    start = 0
+    while len(data) - start > limit:
+        end = data.rfind(b"\n", start, start + limit) + 1
+        if end <= start:  # one line longer than the limit
+            end = data.find(b"\n", start + limit) + 1 or len(data)
+        pieces.append(data[start:end])
+        start = end
+    if start < len(data):
+        pieces.append(data[start:])
+    return pieces
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -216,6 +238,13 @@ def stdout_writer() -> LogWriter:
 def stderr_writer() -> LogWriter:
     """The writer for Python log records."""
     return _writer("stderr", sys.stderr.fileno())
+
+
+def share_outputs() -> None:
+    """Other processes write to this process's stdout and stderr too (worker processes): keep
+    every write atomic so that lines never interleave mid-line."""
+    stdout_writer().shared = True
+    stderr_writer().shared = True
 
 
 def dropped_lines() -> int:

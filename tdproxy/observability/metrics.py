@@ -36,6 +36,7 @@ from tdproxy.observability import log_output
 from tdproxy.routing.router import Router
 from tdproxy.routing.state import DURATION_BUCKETS
 from tdproxy.routing.table import RoutingTable, Target
+from tdproxy.workers.report import WorkersReport
 
 # Error kinds always exported (at 0 until seen), so rate() works before the first failure.
 KNOWN_ERROR_KINDS = ("connect", "timeout", "reset")
@@ -52,6 +53,8 @@ class MetricsSource(Protocol):
     def connections_active(self) -> int: ...
 
     def unrouted_requests(self) -> dict[int, int]: ...
+
+    def workers_report(self) -> WorkersReport: ...
 
 
 class TdproxyCollector:
@@ -180,6 +183,11 @@ class TdproxyCollector:
             reloads.add_metric([result], history.reloads.get(result, 0))
         yield reloads
         yield GaugeMetricFamily(
+            "tdproxy_config_generation",
+            "The config generation serving now: 1 at start, one more for each applied reload.",
+            value=source.router.generation,
+        )
+        yield GaugeMetricFamily(
             "tdproxy_config_last_reload_successful",
             "1 when the last config reload succeeded (or none was tried yet), 0 when it failed.",
             value=1 if history.last_successful else 0,
@@ -189,11 +197,22 @@ class TdproxyCollector:
             "Client connections open on the entrypoint.",
             value=source.connections_active(),
         )
+        workers = source.workers_report()
         yield CounterMetricFamily(
             "tdproxy_log_lines_dropped",
             "Log lines (access log and tdproxy's own log) dropped because their output could "
             "not keep up; logging never blocks traffic.",
-            value=self._dropped_log_lines(),
+            value=self._dropped_log_lines() + workers.dropped_log_lines,
+        )
+        yield GaugeMetricFamily(
+            "tdproxy_workers",
+            "Data-plane processes serving now (1 without worker processes).",
+            value=workers.live,
+        )
+        yield CounterMetricFamily(
+            "tdproxy_worker_restarts",
+            "Worker processes started again after one died.",
+            value=workers.restarts,
         )
         build = GaugeMetricFamily(
             "tdproxy_build_info", "tdproxy's version; the value is always 1.", labels=["version"]

@@ -46,23 +46,31 @@ class Router:
         secure_cookie: bool = False,
         initial_health: Callable[[Backend], bool] = lambda backend: True,
         monotonic: Callable[[], float] = time.monotonic,
+        generation: int = 1,
     ) -> None:
         self.states: dict[str, BackendState] = {}
         self.endpoints = endpoints
-        self.generation = 0
+        self.generation = generation - 1  # the first table built below is ``generation``
         self._secure_cookie = secure_cookie
         self._initial_health = initial_health
         self._monotonic = monotonic  # the clock of slow-start ramps
         self.on_ramp: Callable[[], None] | None = None  # called when a ramp is going on
+        # Called after every install and refresh (a worker supervisor tells its workers).
+        self.on_refresh: Callable[[], None] | None = None
+        self._initial = True  # building the first table: nothing comes into service
         self.table = self._build(config)
+        self._initial = False
 
     def _build(self, config: Config) -> RoutingTable:
         table, pending = self.prepare(config)
         pending()
         return table
 
-    def prepare(self, config: Config) -> tuple[RoutingTable, Callable[[], None]]:
-        """Build the table for ``config`` without changing anything yet.
+    def prepare(
+        self, config: Config, generation: int | None = None
+    ) -> tuple[RoutingTable, Callable[[], None]]:
+        """Build the table for ``config`` without changing anything yet. Its generation is the
+        next one, or ``generation`` (a worker builds the generation its supervisor numbered).
 
         Returns the table and a commit function that makes its states and endpoints the
         router's own; nothing is changed until that function runs, so a failed build loses
@@ -78,7 +86,7 @@ class Router:
             config,
             states,
             choice.for_backend,
-            self.generation + 1,
+            self.generation + 1 if generation is None else generation,
             secure_cookie=self._secure_cookie,
         )
 
@@ -96,7 +104,7 @@ class Router:
     def _coming_into_service(self, config: Config) -> list[str]:
         """The backends ``config`` adds or raises from weight 0 (none at start-up): each starts
         a slow-start ramp when its table goes live."""
-        if self.generation == 0:
+        if self._initial:
             return []
         before = {target.name: target.weight for target in self.table.targets}
         return [
@@ -114,6 +122,8 @@ class Router:
         table.continue_rotation(self.table)
         self.table = table
         self._tell_ramp()
+        if self.on_refresh is not None:
+            self.on_refresh()
 
     def apply(self, config: Config) -> RoutingTable:
         """Build the table for ``config`` and make it current."""
@@ -125,6 +135,8 @@ class Router:
         """Health changed somewhere, or a ramp moved on: rebuild the current table's selector."""
         self.table.refresh(self._monotonic())
         self._tell_ramp()
+        if self.on_refresh is not None:
+            self.on_refresh()
 
     def _tell_ramp(self) -> None:
         if self.table.ramp_ends is not None and self.on_ramp is not None:

@@ -93,6 +93,25 @@ class BackendState:
             if second > oldest
         )
 
+    def recent_by_second(self, now_second: int) -> dict[int, int]:
+        """The last ``SHARE_WINDOW_SECONDS`` seconds' answered requests, by epoch second."""
+        oldest = now_second - SHARE_WINDOW_SECONDS
+        return {
+            second: count
+            for second, count in zip(self._ring_second, self._ring, strict=True)
+            if second > oldest and count
+        }
+
+    def load_recent(self, by_second: dict[int, int]) -> None:
+        """Replace the per-second ring with ``by_second`` (a worker supervisor's sums)."""
+        self._ring = [0] * SHARE_WINDOW_SECONDS
+        self._ring_second = [-1] * SHARE_WINDOW_SECONDS
+        for second, count in by_second.items():
+            slot = second % SHARE_WINDOW_SECONDS
+            if second > self._ring_second[slot]:
+                self._ring_second[slot] = second
+                self._ring[slot] = count
+
     def set_health(
         self,
         healthy: bool,

@@ -36,6 +36,9 @@ Paths (query parameters in brackets):
     /ws                    WebSocket echo
     /health                200 ``ok`` unless changed through /_control/health
     /_control/health [status, hang]  (POST) change /health
+    /_control/faults [fail_every, status, delay_ms]  (POST) every ``fail_every``-th answer on
+                           ``/`` and unknown paths gets ``status`` (default 500; 0 = never), and
+                           each of those answers waits ``delay_ms`` first
     /_control/stats        JSON counters;  /_control/reset (POST) zeroes them
 Any path takes ``close=1`` to answer with ``Connection: close`` and close afterwards.
 """
@@ -91,6 +94,22 @@ class Health:
 
 
 @dataclass
+class Faults:
+    """Injected into the plain answers (``/`` and unknown paths): a share of errors, a delay."""
+
+    fail_every: int = 0  # every n-th plain answer fails; 0 = none
+    status: int = 500
+    delay_ms: int = 0
+    answered: int = 0
+
+    def next_status(self) -> int:
+        self.answered += 1
+        if self.fail_every and self.answered % self.fail_every == 0:
+            return self.status
+        return 200
+
+
+@dataclass
 class Stats:
     """Counters for ``/_control/stats``. ``/_control`` requests are never counted.
 
@@ -130,6 +149,7 @@ class Settings:
 class ServerState:
     settings: Settings
     health: Health = field(default_factory=Health)
+    faults: Faults = field(default_factory=Faults)
     stats: Stats = field(default_factory=Stats)
     connections: set[Connection] = field(default_factory=set)
 
@@ -328,7 +348,11 @@ class Connection:
     # -- handlers: each answers one request and returns whether the connection may go on ------
 
     async def hello(self, request: Request) -> bool:
-        return await self.respond(request, 200, f"hello from {self.name}\n".encode())
+        faults = self.state.faults
+        if faults.delay_ms:
+            await asyncio.sleep(faults.delay_ms / 1000)
+        status = faults.next_status()
+        return await self.respond(request, status, f"hello from {self.name}\n".encode())
 
     async def echo(self, request: Request) -> bool:
         body_len, body_sha256 = await request.body.consume()
@@ -511,13 +535,27 @@ class Connection:
                     "request_ids": list(stats.request_ids),
                 },
             )
-        if action not in ("health", "reset"):
+        if action not in ("health", "reset", "faults"):
             return await self.respond(request, 404, b"unknown control action\n")
         if request.method != "POST":
             return await self.respond(request, 405, b"use POST\n", headers=[("Allow", "POST")])
         if action == "reset":
             state.stats.reset()
             return await self.respond_json(request, {"reset": True})
+        if action == "faults":
+            faults = state.faults
+            faults.fail_every = request.int_param("fail_every", faults.fail_every)
+            faults.status = request.int_param("status", faults.status)
+            faults.delay_ms = request.int_param("delay_ms", faults.delay_ms)
+            faults.answered = 0
+            return await self.respond_json(
+                request,
+                {
+                    "fail_every": faults.fail_every,
+                    "status": faults.status,
+                    "delay_ms": faults.delay_ms,
+                },
+            )
         if "status" in request.query:
             state.health.status = request.int_param("status", 200)
         if "hang" in request.query:

@@ -371,6 +371,14 @@ class BackendProcess:
         if response.status != 200:
             raise RuntimeError(f"health control failed: {response.status} {response.text}")
 
+    def set_faults(self, *, fail_every: int = 0, status: int = 500, delay_ms: int = 0) -> None:
+        """Every ``fail_every``-th answer on ``/`` gets ``status`` (0: none); each waits
+        ``delay_ms`` first."""
+        query = f"fail_every={fail_every}&status={status}&delay_ms={delay_ms}"
+        response = client.request(self.url + "/_control/faults?" + query, "POST")
+        if response.status != 200:
+            raise RuntimeError(f"faults control failed: {response.status} {response.text}")
+
     def saw_request_id(self, request_id: str) -> bool:
         return request_id in self.stats()["request_ids"]
 

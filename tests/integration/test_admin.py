@@ -15,6 +15,7 @@ from tdproxy.config import Config, parse_config
 from tdproxy.controlplane.admin import AdminServer, AdminSource, RecentWindow
 from tdproxy.controlplane.changes import ChangeLog
 from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
+from tdproxy.workers.report import WorkersReport, single_process_report
 from tests.fakes.routing import new_router
 
 CONFIG_PATH = "/etc/tdproxy/tdproxy.yaml"
@@ -50,6 +51,7 @@ class FakeSource:
         )
         self.connections = 0
         self.unrouted: dict[int, int] = {}
+        self.workers = single_process_report(self.router.states, 0, 1)
         self.draining = False
         self.next_config: Config | None = None
         self.triggers: list[str] = []
@@ -59,6 +61,9 @@ class FakeSource:
 
     def unrouted_requests(self) -> dict[int, int]:
         return self.unrouted
+
+    def workers_report(self) -> WorkersReport:
+        return self.workers
 
     async def reload(self, trigger: str) -> ReloadOutcome:
         self.triggers.append(trigger)
@@ -513,3 +518,17 @@ async def test_readyz_is_503_while_draining(start: Started, session: aiohttp.Cli
     source.draining = True  # what SIGTERM sets: load balancers should stop sending now
     status, _, text = await get(session, server.url + "/readyz")
     assert status == 503 and "shutting down" in text
+
+
+async def test_readyz_is_503_while_no_worker_serves(
+    start: Started, session: aiohttp.ClientSession
+) -> None:
+    source, server = await start()
+    source.workers = source.workers._replace(configured=2, live=0)  # every worker restarting
+    status, _, text = await get(session, server.url + "/readyz")
+    assert status == 503 and "no worker process is serving" in text
+    source.workers = source.workers._replace(live=1)
+    status, _, _ = await get(session, server.url + "/readyz")
+    assert status == 200
+    document = await get_json(session, server)
+    assert document["workers"]["live"] == 1

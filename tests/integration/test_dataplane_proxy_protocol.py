@@ -410,3 +410,20 @@ def test_behind_a_real_haproxy(
             process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+def test_with_worker_processes(blue: BackendProcess, proxy_factory: ProxyFactory) -> None:
+    """Every worker listens on the port (SO_REUSEPORT) and takes the header the same way."""
+    proxy = proxy_factory(
+        proxy_config(
+            [("blue", blue.url, 1)],
+            workers=2,
+            entrypoint={"proxy_protocol": True, "trusted_proxies": ["127.0.0.1"]},
+        ),
+        wait_admin=True,
+    )
+    for number in range(12):  # new connections: the kernel spreads them over the workers
+        client = f"198.51.100.{100 + number}"
+        response = send_with_header(proxy, proxy_header.v2(client, "127.0.0.1"))
+        assert response.status == 200, response
+        assert forwarded(response)["x-real-ip"] == client

@@ -233,3 +233,41 @@ def test_the_tls_entrypoint_still_serves(
         response = raw.request("GET", "/echo")
     assert response.status == 200
     assert ["X-Forwarded-Proto", "https"] in response.json()["headers"]
+
+
+def test_with_worker_processes(
+    blue: BackendProcess, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """Each worker serves the entrypoint and the redirect port with the same trust rules, and
+    takes a reloaded list for its new connections."""
+    cert, key = make_self_signed(tmp_path, ("127.0.0.1",))
+    redirect_port = free_port()
+
+    def config(trusted: list[str]) -> dict[str, Any]:
+        return proxy_config(
+            [("blue", blue.url, 1)],
+            workers=2,
+            entrypoint={
+                "port": port,
+                "tls": {"certificate": str(cert), "key": str(key)},
+                "redirect_http_port": redirect_port,
+                "trusted_proxies": trusted,
+            },
+            admin={"port": admin_port},
+        )
+
+    port, admin_port = free_port(), free_port()
+    proxy = proxy_factory(config(["127.0.0.1"]), wait_admin=True)
+    setup = (proxy, redirect_port)
+    for _ in range(6):
+        assert redirect_port_request(setup, TRUSTED_PEER, "https").status == 200
+        assert redirect_port_request(setup, OTHER_PEER, "https").status == 301
+    proxy.write_config(config(["10.0.0.0/8"]))
+    proxy.wait_for_output("entrypoint.trusted_proxies changed")
+
+    def redirected_now() -> bool:
+        return all(
+            redirect_port_request(setup, TRUSTED_PEER, "https").status == 301 for _ in range(6)
+        )
+
+    assert wait_until(redirected_now, message="every worker applies the new list")

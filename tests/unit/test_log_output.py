@@ -7,7 +7,7 @@ import logging
 import os
 import time
 
-from tdproxy.observability.log_output import LogWriter, QueuedLogHandler
+from tdproxy.observability.log_output import LogWriter, QueuedLogHandler, line_batches
 
 Notices = list[tuple[str, bool]]
 
@@ -95,3 +95,25 @@ def test_the_handler_formats_records_into_the_writer(pipe: tuple[int, int]) -> N
     assert writer.close(timeout=5)
     os.close(write)
     assert read_all(read) == b"WARNING first record\nERROR second\nwith two lines\n"
+
+
+def test_batches_for_a_shared_pipe_are_cut_at_line_ends() -> None:
+    lines = [b"a" * 10, b"b" * 4000, b"c" * 5000, b"d" * 95, b"e"]
+    data = b"".join(line + b"\n" for line in lines)
+    pieces = line_batches(data, 4096)
+    assert b"".join(pieces) == data
+    assert all(piece.endswith(b"\n") for piece in pieces)
+    # At most PIPE_BUF bytes each (atomic), but for the one line longer than that on its own.
+    assert [len(piece) for piece in pieces] == [4012, 5001, 98]
+    assert line_batches(b"") == []
+
+
+def test_a_shared_writer_writes_every_line_whole(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    writer = LogWriter(write_end, "test")
+    writer.shared = True
+    lines = [f"{n:05d} " + "x" * 300 for n in range(40)]
+    writer.write_lines(lines)
+    assert writer.close(timeout=5)
+    os.close(write_end)
+    assert read_all(read_end).decode().splitlines() == lines

@@ -26,6 +26,7 @@ from tdproxy.observability.metrics import (
     exposition,
 )
 from tdproxy.routing.state import DURATION_BUCKETS
+from tdproxy.workers.report import WorkersReport, single_process_report
 from tests.fakes.routing import new_router
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "tdproxy-dashboard.json"
@@ -53,12 +54,16 @@ class Source:
         self.reload_history = ReloadHistory()
         self.connections = 0
         self.unrouted: dict[int, int] = {}
+        self.workers = single_process_report(self.router.states, 0, 1)
 
     def connections_active(self) -> int:
         return self.connections
 
     def unrouted_requests(self) -> dict[int, int]:
         return self.unrouted
+
+    def workers_report(self) -> WorkersReport:
+        return self.workers
 
 
 @pytest.fixture
@@ -101,10 +106,13 @@ def test_every_design_metric_is_exposed_with_its_type_and_labels(
         "tdproxy_health_checks": ("counter", {"backend", "result"}),
         "tdproxy_config_reloads": ("counter", {"result"}),
         "tdproxy_config_last_reload_successful": ("gauge", set()),
+        "tdproxy_config_generation": ("gauge", set()),
         "tdproxy_connections_active": ("gauge", set()),
         "tdproxy_build_info": ("gauge", {"version"}),
         "tdproxy_unrouted_requests": ("counter", {"code"}),
         "tdproxy_log_lines_dropped": ("counter", set()),
+        "tdproxy_workers": ("gauge", set()),
+        "tdproxy_worker_restarts": ("counter", set()),
     }
     for name, (kind, labels) in expected.items():
         assert name in found, name
@@ -277,6 +285,7 @@ def test_reloads_connections_and_build_info(source: Source, registry: CollectorR
     source.connections = 12
     assert value(registry, "tdproxy_connections_active") == 12
     assert value(registry, "tdproxy_build_info", version=tdproxy.__version__) == 1
+    assert value(registry, "tdproxy_config_generation") == source.router.generation >= 1
 
 
 def test_removed_backends_vanish_and_kept_ones_carry_over(
@@ -395,6 +404,7 @@ def test_dashboard_only_queries_metrics_that_exist(
     for topic in ("traffic share", "request rate", "error rate", "p50", "p95", "p99", "health"):
         assert topic in titles, topic
     assert "reload" in titles
+    assert "generation" in titles
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
@@ -415,3 +425,12 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
         [promtool, "check", "rules", str(path)], capture_output=True, timeout=30, check=False
     )
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_worker_processes_are_reported(source: Source, registry: CollectorRegistry) -> None:
+    assert value(registry, "tdproxy_workers") == 1
+    assert value(registry, "tdproxy_worker_restarts_total") == 0
+    source.workers = source.workers._replace(live=3, restarts=2, dropped_log_lines=5)
+    assert value(registry, "tdproxy_workers") == 3
+    assert value(registry, "tdproxy_worker_restarts_total") == 2
+    assert value(registry, "tdproxy_log_lines_dropped_total") >= 5  # the workers' own drops
