@@ -32,9 +32,10 @@ from tdproxy.controlplane.reload_state import ReloadHistory, ReloadOutcome
 from tdproxy.controlplane.signals import HANDLED as HANDLED_SIGNALS
 from tdproxy.controlplane.signals import signal_name
 from tdproxy.controlplane.slow_start import SlowStartDriver
-from tdproxy.dataplane.context import ProxyContext, Settings
+from tdproxy.dataplane.context import ProxyContext, Settings, trusted_proxies
 from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.redirect import RedirectServer
+from tdproxy.dataplane.redirect_listener import RedirectListener, served_by_data_plane
 from tdproxy.dataplane.server import Entrypoint, tls_server_context
 from tdproxy.observability.access_log import AccessLog
 from tdproxy.observability.log_output import QueuedLogHandler, stderr_writer
@@ -67,7 +68,7 @@ class App:
         self.changes = ChangeLog()  # applied generations and health transitions
         self.ctx: ProxyContext | None = None
         self.entrypoint: Entrypoint | None = None
-        self.redirect: RedirectServer | None = None
+        self.redirect: RedirectServer | RedirectListener | None = None
         self.health = HealthChecker(
             self.router, config.health_check, on_transition=self._health_changed
         )
@@ -123,9 +124,12 @@ class App:
         await self.entrypoint.start()
         redirect_port = config.entrypoint.redirect_http_port
         if redirect_port is not None and config.entrypoint.tls is not None:
-            self.redirect = RedirectServer(
-                config.entrypoint.address, redirect_port, self.entrypoint.port
-            )
+            if served_by_data_plane(config):  # behind a balancer: see redirect_listener
+                self.redirect = RedirectListener(self.ctx, config, self.entrypoint.port)
+            else:
+                self.redirect = RedirectServer(
+                    config.entrypoint.address, redirect_port, self.entrypoint.port
+                )
             await self.redirect.start()
 
     def request_stop(self) -> None:
@@ -392,6 +396,7 @@ class App:
         ctx = self.ctx
         if ctx is not None:
             ctx.settings = Settings(new)
+            ctx.trusted_proxies = trusted_proxies(new)  # for connections accepted from now on
             ctx.max_connections = new.limits.max_connections
             if ctx.access_log is not None:
                 ctx.access_log.flush()

@@ -7,11 +7,20 @@ learns at run time (health, counters) lives in :mod:`tdproxy.routing.state`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from tdproxy.config.durations import Duration
 
@@ -55,6 +64,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_trusted_proxy(value: str) -> str:
+    """An address or a CIDR block, IPv4 or IPv6, in its canonical spelling."""
+    text = value.strip()
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"{text!r} has host bits set: did you mean {loose}?") from None
+        raise ValueError(
+            f"{text!r} is not an IP address or CIDR block (such as 10.0.0.0/8 or fd00::/8)"
+        ) from None
+    return str(network)
+
+
+TrustedProxy = Annotated[str, AfterValidator(_check_trusted_proxy)]
+
+
 class EntrypointTLS(_Model):
     certificate: str
     key: str
@@ -65,6 +92,11 @@ class Entrypoint(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     tls: EntrypointTLS | None = None
     redirect_http_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    # Peers whose X-Forwarded-Proto/-Host are kept and whose X-Forwarded-For hops are skipped
+    # when X-Real-IP is derived (see dataplane/forwarded.py).
+    trusted_proxies: tuple[TrustedProxy, ...] = ()
+    # Every connection starts with a PROXY protocol v1 or v2 header (dataplane/proxy_protocol.py).
+    proxy_protocol: bool = False
     # Offer HTTP/2 by ALPN at the TLS entrypoint (no effect without tls). Off by default: see
     # the README's HTTP/2 section for the measurements behind that.
     http2: bool = False

@@ -185,6 +185,16 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         pending.append("entrypoint.tls turned " + ("on" if new.entrypoint.tls else "off"))
     if old.entrypoint.redirect_http_port != new.entrypoint.redirect_http_port:
         pending.append("entrypoint.redirect_http_port")
+    elif new.entrypoint.redirect_http_port is not None and _redirect_by_data_plane(
+        old
+    ) != _redirect_by_data_plane(new):
+        # Who serves the redirect port (the data plane, or the plain redirect server) is
+        # decided at start: see dataplane/redirect_listener.py.
+        pending.append("entrypoint.redirect_http_port behind trusted_proxies")
+    if old.entrypoint.proxy_protocol != new.entrypoint.proxy_protocol:
+        pending.append(
+            "entrypoint.proxy_protocol turned " + ("on" if new.entrypoint.proxy_protocol else "off")
+        )
     if old.entrypoint.http2 != new.entrypoint.http2:
         pending.append("entrypoint.http2 turned " + ("on" if new.entrypoint.http2 else "off"))
     if old.workers != new.workers:
@@ -194,6 +204,10 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
             f"admin {old.admin.address}:{old.admin.port} -> {new.admin.address}:{new.admin.port}"
         )
     return pending
+
+
+def _redirect_by_data_plane(config: Config) -> bool:
+    return bool(config.entrypoint.trusted_proxies) or config.entrypoint.proxy_protocol
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:
@@ -227,6 +241,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
             changes.append(f"{section} changed")
     if old.entrypoint.tls != new.entrypoint.tls and old.entrypoint.tls and new.entrypoint.tls:
         changes.append("entrypoint TLS certificate files changed")
+    if old.entrypoint.trusted_proxies != new.entrypoint.trusted_proxies:
+        changes.append("entrypoint.trusted_proxies changed (new connections)")
     if old.admin.token != new.admin.token or old.admin.token_env != new.admin.token_env:
         changes.append("admin token changed")
     return changes

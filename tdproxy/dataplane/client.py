@@ -59,7 +59,6 @@ from tdproxy.dataplane.exchange import (
     BODY_NONE,
     EXCHANGE_NEXT,
     Exchange,
-    PeerFields,
 )
 from tdproxy.dataplane.http import CRLF, LAST_CHUNK, error_body_length, error_response
 from tdproxy.dataplane.lifecycle import (
@@ -100,6 +99,7 @@ class ClientConnection(ResponseRelay):
     __slots__ = (
         "_dispatch_pending",
         "_head_bytes",
+        "_named_peer",
         "_parser",
         "_parsing",
         "_peer_fields",
@@ -111,8 +111,10 @@ class ClientConnection(ResponseRelay):
         "_upgrading",
     )
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, peer: bytes | None = None) -> None:
         super().__init__(ctx)
+        # The client's address when a PROXY protocol header named it (else the socket's peer).
+        self._named_peer = peer
         self._parser = httptools.HttpRequestParser(self)
         self._parsing: Exchange | None = None
         self._queue: deque[Exchange] = deque()
@@ -133,10 +135,13 @@ class ClientConnection(ResponseRelay):
             self.transport.abort()
             self.lost()
             return
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = str(peer[0]).encode()
-        self._peer_fields = PeerFields(self.peer, ctx.scheme)
+        if self._named_peer is not None:
+            self.peer = self._named_peer
+        else:
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.peer = str(peer[0]).encode()
+        self._peer_fields = ctx.peer_fields(self.peer, ctx.scheme)
         if ctx.http2 and _chose_h2(transport):
             self._become_h2()
             return

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from tdproxy.config.model import Config
+from tdproxy.dataplane.exchange import PeerFields
+from tdproxy.dataplane.forwarded import TrustedProxies
 from tdproxy.dataplane.lifecycle import BACKSTOP_SLACK, LINGER_SECONDS
 
 if TYPE_CHECKING:
@@ -109,6 +111,7 @@ class ProxyContext:
         "settings",
         "shutting_down",
         "tasks",
+        "trusted_proxies",
         "unrouted",
     )
 
@@ -127,6 +130,7 @@ class ProxyContext:
         self.settings = Settings(config)
         self.max_connections = config.limits.max_connections
         self.scheme = b"https" if config.entrypoint.tls else b"http"
+        self.trusted_proxies = trusted_proxies(config)
         # A TLS connection that chose h2 by ALPN becomes an H2ClientConnection (set at start).
         self.http2 = config.entrypoint.tls is not None and config.entrypoint.http2
         self.access_log = access_log
@@ -139,6 +143,13 @@ class ProxyContext:
         # status: they have no backend label, so they are counted here.
         self.unrouted: dict[int, int] = {}
 
+    def peer_fields(self, address: bytes, scheme: bytes) -> PeerFields:
+        """A new connection's forwarding fields: trusted or not is decided here, once."""
+        trusted = self.trusted_proxies
+        if trusted is None:
+            return PeerFields(address, scheme)
+        return trusted.peer_fields(address, scheme)
+
     def count_unrouted(self, status: int) -> None:
         unrouted = self.unrouted
         unrouted[status] = unrouted.get(status, 0) + 1
@@ -148,3 +159,9 @@ class ProxyContext:
         task: asyncio.Task[None] = self.loop.create_task(coroutine)  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+
+def trusted_proxies(config: Config) -> TrustedProxies | None:
+    """``entrypoint.trusted_proxies`` precomputed; None when there are none (the plain path)."""
+    entries = config.entrypoint.trusted_proxies
+    return TrustedProxies(entries) if entries else None

@@ -46,7 +46,8 @@ def account(ctx: ProxyContext, exchange: Exchange, peer: bytes) -> None:
     else:
         ctx.count_unrouted(status)
     if ctx.access_log is not None:
-        ctx.access_log.log(exchange, peer, status, ctx.clock)
+        # Behind a trusted proxy the client it names (exchange.client), else the peer.
+        ctx.access_log.log(exchange, exchange.client or peer, status, ctx.clock)
 
 
 class BackendDispatch(asyncio.Protocol):

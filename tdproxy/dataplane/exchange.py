@@ -38,7 +38,7 @@ EXCHANGE_NEXT = [EXCHANGE_TRANSITIONS[state] for state in range(len(EXCHANGE_TRA
 
 # What parse_head does with a request field (anything not listed is forwarded as it is).
 _DROP, _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _COOKIE = range(8)
-_REQUEST_FIELDS = {
+REQUEST_FIELDS = {
     b"host": _HOST,
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -123,14 +123,25 @@ def method_name(method: bytes) -> str:
 class PeerFields:
     """The forwarding fields that name one client connection's peer, built once per connection."""
 
-    __slots__ = ("address", "forwarded", "real_ip", "scheme")
+    __slots__ = ("address", "fields", "forwarded", "real_ip", "scheme", "trusted")
 
     def __init__(self, address: bytes, scheme: bytes) -> None:
         self.address = address
         self.scheme = scheme
+        # A peer in entrypoint.trusted_proxies gets forwarded.TrustedPeerFields instead. (A
+        # slot, not a class attribute: it is read on every request, and a slot reads faster.)
+        self.trusted = False
+        self.fields = REQUEST_FIELDS  # what parse_head does with each request field
         # X-Forwarded-For when the request has none, and X-Forwarded-Proto.
         self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (address, scheme)
         self.real_ip = b"X-Real-IP: %s\r\n" % address
+
+    def trusted_block(
+        self, exchange: Exchange, forwarded_for: bytes | None, host: bytes | None
+    ) -> bytes:
+        """The forwarding fields of a request from a trusted proxy (``trusted`` is True):
+        :class:`~tdproxy.dataplane.forwarded.TrustedPeerFields` has them."""
+        raise NotImplementedError
 
     def forwarded_after(self, forwarded_for: bytes) -> bytes:
         """X-Forwarded-For (the request's list, then this peer) and X-Forwarded-Proto."""
@@ -155,6 +166,7 @@ class Exchange:
         "body_received",
         "chunk_overhead",
         "chunks",
+        "client",
         "content_length",
         "cookie",
         "counted",
@@ -216,6 +228,7 @@ class Exchange:
         self.body_buffered = 0
         self.body_received = 0
         self.chunks = 0
+        self.client: bytes | None = None  # behind a trusted proxy: the address it forwarded for
         self.content_length = 0
         self.upgrade_body = False
         self.chunk_overhead = 0
@@ -276,8 +289,9 @@ class Exchange:
         tokens: list[bytes] | None = None
         length = 0
         has_length = chunked = False
+        fields = peer.fields
         for lname, name, value in self.headers:
-            action = _REQUEST_FIELDS.get(lname)
+            action = fields.get(lname)
             if action is None:
                 if lname == override_name:
                     self.override = value
@@ -317,8 +331,7 @@ class Exchange:
             out = [
                 name + b": " + value + CRLF
                 for lname, name, value in self.headers
-                if lname not in named
-                and (_REQUEST_FIELDS.get(lname) is None or _REQUEST_FIELDS[lname] == _COOKIE)
+                if lname not in named and fields.get(lname, _COOKIE) == _COOKIE
             ]
         limit = ctx.settings.max_body_bytes
         if chunked:
@@ -328,13 +341,16 @@ class Exchange:
                 return 413
             self.body_mode = BODY_LENGTH
             self.content_length = length
-        if forwarded_for is None:
-            out.append(peer.forwarded)
+        if peer.trusted:
+            out.append(peer.trusted_block(self, forwarded_for, host))
         else:
-            out.append(peer.forwarded_after(forwarded_for))
-        if host is not None:
-            out.append(b"X-Forwarded-Host: %s\r\n" % host)
-        out.append(peer.real_ip)
+            if forwarded_for is None:
+                out.append(peer.forwarded)
+            else:
+                out.append(peer.forwarded_after(forwarded_for))
+            if host is not None:
+                out.append(b"X-Forwarded-Host: %s\r\n" % host)
+            out.append(peer.real_ip)
         if self.body_mode == BODY_LENGTH or has_length:
             out.append(b"Content-Length: %d\r\n" % length)
         elif self.body_mode == BODY_CHUNKED:

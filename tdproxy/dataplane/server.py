@@ -10,6 +10,7 @@ import ssl
 from tdproxy.config.model import Config
 from tdproxy.dataplane.client import ClientConnection
 from tdproxy.dataplane.context import ProxyContext
+from tdproxy.dataplane.proxy_accept import ProxyProtocolListener
 
 log = logging.getLogger("tdproxy.entrypoint")
 
@@ -37,9 +38,22 @@ class Entrypoint:
         )
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # entrypoint.proxy_protocol: connections are accepted by the listener, which takes the
+        # PROXY header off each one before asyncio owns it (see proxy_accept).
+        self._proxied: ProxyProtocolListener | None = None
+        if config.entrypoint.proxy_protocol:
+            self._proxied = ProxyProtocolListener(
+                ctx, self.address, self.port, self.ssl_context, reuse_port=reuse_port
+            )
 
     async def start(self) -> None:
         loop = self.ctx.loop
+        if self._proxied is not None:
+            self._proxied.port = self.port  # a worker is told its port after construction
+            await self._proxied.start()
+            self.port = self._proxied.port
+            self._start_sweeper()
+            return
         self._server = await loop.create_server(
             lambda: ClientConnection(self.ctx),
             self.address,
@@ -52,9 +66,13 @@ class Entrypoint:
         sockets = self._server.sockets
         if sockets and self.port == 0:
             self.port = sockets[0].getsockname()[1]
-        self._sweeper = loop.create_task(self._sweep(), name="tdproxy-sweeper")
+        self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        self._sweeper = self.ctx.loop.create_task(self._sweep(), name="tdproxy-sweeper")
         scheme = "https" if self.ssl_context else "http"
-        log.info("entrypoint listening on %s://%s:%d", scheme, self.address, self.port)
+        proxied = " (PROXY protocol)" if self._proxied is not None else ""
+        log.info("entrypoint listening on %s://%s:%d%s", scheme, self.address, self.port, proxied)
 
     def reload_tls(self, config: Config) -> None:
         """Load new certificate files; new connections use them, open ones are untouched."""
@@ -82,6 +100,8 @@ class Entrypoint:
         ctx.shutting_down = True
         if self._server is not None:
             self._server.close()
+        if self._proxied is not None:
+            self._proxied.close()
         for connection in list(ctx.connections):
             connection.shutdown()
         deadline = ctx.loop.time() + grace

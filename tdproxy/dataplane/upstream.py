@@ -164,6 +164,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.eof = True
+        if self.client is None and self.tunnel is None:
+            # The backend closed an idle pooled connection: out of the pool now, so that no
+            # request is sent into a connection already known to be over.
+            self.alive = False
+            self.pool.discard(self)
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -36,7 +36,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from tdproxy.config.model import Config
-from tdproxy.dataplane.context import ProxyContext, Settings
+from tdproxy.dataplane.context import ProxyContext, Settings, trusted_proxies
 from tdproxy.dataplane.endpoints import Endpoints
 from tdproxy.dataplane.server import Entrypoint
 from tdproxy.observability import log_output
@@ -67,6 +67,7 @@ from tdproxy.workers.messages import (
 
 if TYPE_CHECKING:
     from tdproxy.dataplane.redirect import RedirectServer
+    from tdproxy.dataplane.redirect_listener import RedirectListener
 
 log = logging.getLogger("tdproxy.worker")
 
@@ -106,7 +107,8 @@ class Worker:
         self.grace = init.config.timeouts.shutdown_grace
         self.ctx: ProxyContext | None = None
         self.entrypoint: Entrypoint | None = None
-        self.redirect: RedirectServer | None = None  # imports aiohttp: only when configured
+        # The redirect port (the plain server imports aiohttp: only when configured).
+        self.redirect: RedirectServer | RedirectListener | None = None
         self._sock = sock
         self._channel: Channel | None = None
         self._stop = asyncio.Event()
@@ -163,10 +165,15 @@ class Worker:
         redirect_port = config.entrypoint.redirect_http_port
         if redirect_port is not None and config.entrypoint.tls is not None:
             from tdproxy.dataplane.redirect import RedirectServer
+            from tdproxy.dataplane.redirect_listener import RedirectListener, served_by_data_plane
 
-            redirect = RedirectServer(
-                config.entrypoint.address, redirect_port, self.port, reuse_port=True
-            )
+            redirect: RedirectServer | RedirectListener
+            if served_by_data_plane(config):  # behind a balancer: see redirect_listener
+                redirect = RedirectListener(self.ctx, config, self.port, reuse_port=True)
+            else:
+                redirect = RedirectServer(
+                    config.entrypoint.address, redirect_port, self.port, reuse_port=True
+                )
             await redirect.start()
             self.redirect = redirect
 
@@ -281,6 +288,7 @@ class Worker:
         ctx = self.ctx
         if ctx is not None:
             ctx.settings = Settings(new)
+            ctx.trusted_proxies = trusted_proxies(new)  # for connections accepted from now on
             ctx.max_connections = connection_share(new.limits.max_connections, self.workers)
             if ctx.access_log is not None:
                 ctx.access_log.flush()

@@ -100,11 +100,21 @@ def encode_chunked(pieces: Iterable[bytes], trailers: Iterable[tuple[str, str]] 
 class RawClient:
     """One TCP connection. Every read waits at most ``timeout`` seconds (``TimeoutError``)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        source: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # ``source``: the local address to connect from (another loopback address, say).
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self._buffer = bytearray()
 
     @classmethod
