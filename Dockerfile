@@ -30,7 +30,7 @@ RUN python3 -m venv /opt/tdproxy
 COPY pyproject.toml ./
 RUN /opt/tdproxy/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
     && /opt/tdproxy/bin/pip install --no-cache-dir --requirement /tmp/requirements.txt
-# TDPROXY_COMPILE: the hot path compiled with mypyc (same source, about a quarter less CPU per
+# TDPROXY_COMPILE: the hot path compiled with mypyc (same source, a fifth less CPU per
 # request, see benchmarks/RESULTS.md). auto (the default): when the build image has a C compiler
 # and Python's headers; 1: always (fails without them); 0: never. The compiled package keeps the
 # pure-Python files, and mypy is removed again after the build.
