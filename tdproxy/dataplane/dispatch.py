@@ -76,8 +76,41 @@ class BackendDispatch(asyncio.Protocol):
     def upstream_done(self, up: UpstreamConnection, keep_alive: bool) -> None:
         raise NotImplementedError
 
-    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
+    def _take_back_head(self, exchange: Exchange) -> None:
+        """The answer's head may still be unsent (held until the end of the backend read that
+        brought it): if so, take it back and return the exchange to WAITING."""
         raise NotImplementedError
+
+    def _cut(self, exchange: Exchange) -> None:
+        """Part of the answer reached the client: end it so that it never looks complete."""
+        raise NotImplementedError
+
+    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
+        """The upstream broke (``kind``: reset, timeout, protocol) during an exchange: while
+        nothing of the answer has left, retry elsewhere or answer 502/504; else cut it."""
+        exchange = self._active
+        if exchange is None or exchange.upstream is not up:
+            up.abort()
+            self.bug(f"upstream {kind} failure for an exchange it does not serve")
+            return
+        exchange.upstream = None
+        exchange.deadline = INF
+        up.abort()
+        target = exchange.target_backend
+        assert target is not None
+        target.state.record_error(kind)
+        if kind == "timeout" and exchange.state == WAITING:
+            self.ctx.on_passive_failure(target, kind)
+        if exchange.state == RELAYING:
+            self._take_back_head(exchange)
+        if exchange.state == WAITING and exchange.status != 101:
+            exchange.end_attempt()
+            if not exchange.replayed and self._retry(exchange, target, replay=True):
+                return
+            self._respond_error(exchange, 504 if kind == "timeout" else 502)
+            return
+        # Part of the response (or a 101 that promised a tunnel) reached the client.
+        self._cut(exchange)
 
     # -- choosing a backend and connecting -----------------------------------------------
 

@@ -38,7 +38,7 @@ from h2.exceptions import ProtocolError
 from tdproxy.dataplane.client_io import INF, PAUSE_BUFFER
 from tdproxy.dataplane.dispatch import REPLAY_LIMIT, BackendDispatch, account
 from tdproxy.dataplane.errors import BadResponse
-from tdproxy.dataplane.exchange import BODY_CHUNKED, EXCHANGE_NEXT, Exchange, PeerFields
+from tdproxy.dataplane.exchange import BODY_CHUNKED, Exchange, PeerFields
 from tdproxy.dataplane.http import HOP_BY_HOP, LAST_CHUNK, connection_tokens, error_body
 from tdproxy.dataplane.lifecycle import ABORTED, DONE, RELAYING, WAITING, exchange_state_name
 from tdproxy.dataplane.upstream import UpstreamConnection
@@ -319,33 +319,15 @@ class H2Stream(BackendDispatch):
         if not self.batching:
             self.send()
 
-    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            up.abort()
-            self.bug(f"upstream {kind} failure for an exchange it does not serve")
-            return
-        exchange.upstream = None
-        exchange.deadline = INF
-        up.abort()
-        target = exchange.target_backend
-        assert target is not None
-        target.state.record_error(kind)
-        if kind == "timeout" and exchange.state == WAITING:
-            self.ctx.on_passive_failure(target, kind)
-        if exchange.state == RELAYING and not self._head_sent:
+    def _take_back_head(self, exchange: Exchange) -> None:
+        if not self._head_sent:
             # The head has not left yet (it waits for the end of this read): take it back.
             exchange.state = WAITING  # RELAYING -> WAITING: as if no head had come
             self._head = None
             self._out.clear()
             exchange.response_bytes = 0
-        if exchange.state == WAITING:
-            exchange.end_attempt()
-            if not exchange.replayed and self._retry(exchange, target, replay=True):
-                return
-            self._respond_error(exchange, 504 if kind == "timeout" else 502)
-            return
-        # Part of the answer reached the client: it must not look complete.
+
+    def _cut(self, exchange: Exchange) -> None:
         self._finish(exchange, ABORTED, keep=False)
         self.reset(ErrorCodes.INTERNAL_ERROR)
 
@@ -406,13 +388,7 @@ class H2Stream(BackendDispatch):
             self._respond_error(exchange, code)
 
     def _finish(self, exchange: Exchange, state: int, keep: bool) -> None:
-        if state in EXCHANGE_NEXT[exchange.state]:
-            exchange.state = state
-        else:
-            self.bug(
-                f"exchange state {exchange_state_name(exchange.state)} -> "
-                f"{exchange_state_name(state)}"
-            )
+        if not self._enter(exchange, state):
             return
         exchange.deadline = INF
         self._active = None

@@ -201,36 +201,16 @@ class ResponseRelay(ClientIO):
             up.detach()
         self._finish(exchange, DONE, keep=exchange.keep_client)
 
-    def upstream_failed(self, up: UpstreamConnection, kind: str) -> None:
-        """The upstream broke (``kind``: reset, timeout, protocol) during an exchange."""
-        exchange = self._active
-        if exchange is None or exchange.upstream is not up:
-            up.abort()
-            self.bug(f"upstream {kind} failure for an exchange it does not serve")
-            return
-        exchange.upstream = None
-        exchange.deadline = INF
-        up.abort()
-        target = exchange.target_backend
-        assert target is not None
-        target.state.record_error(kind)
-        if kind == "timeout" and exchange.state == WAITING:
-            self.ctx.on_passive_failure(target, kind)
+    def _take_back_head(self, exchange: Exchange) -> None:
         batch = self._batch
-        if exchange.state == RELAYING and batch is not None and exchange.batch is batch:
+        if batch is not None and exchange.batch is batch:
             # The head has not left yet (it is in this read's batch): take it back.
             del batch[exchange.batch_mark :]
             exchange.state = WAITING  # RELAYING -> WAITING: as if no head had come
             exchange.batch = None
             exchange.response_bytes = 0
-        if exchange.state == WAITING and exchange.status != 101:
-            exchange.end_attempt()
-            if not exchange.replayed and self._retry(exchange, target, replay=True):
-                return
-            self._respond_error(exchange, 504 if kind == "timeout" else 502)
-            return
-        # Part of the response (or a 101 that promised a tunnel) reached the client: it must
-        # not look complete.
+
+    def _cut(self, exchange: Exchange) -> None:
         self.abort()
         self._finish(exchange, ABORTED, keep=False)
 
