@@ -242,6 +242,8 @@ def tls_proxy(
         },
     )
     with start_tdproxy(config, directory) as running:
+        # Ready means the entrypoint listens; the redirect port opens right after it.
+        wait_for_port(LOCALHOST, redirect_port, alive=lambda: running.running)
         yield running, trust, redirect_port
 
 

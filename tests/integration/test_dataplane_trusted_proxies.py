@@ -18,12 +18,14 @@ import pytest
 
 from tests.fakes.client import RawClient
 from tests.fakes.process import (
+    LOCALHOST,
     BackendProcess,
     ProxyFactory,
     ProxyProcess,
     free_port,
     proxy_config,
     start_tdproxy,
+    wait_for_port,
     wait_until,
 )
 from tests.fakes.tls import make_self_signed
@@ -169,6 +171,8 @@ def redirecting(
         },
     )
     with start_tdproxy(config, directory) as running:
+        # Ready means the entrypoint listens; the redirect port opens right after it.
+        wait_for_port(LOCALHOST, redirect_port, alive=lambda: running.running)
         yield running, redirect_port
 
 
