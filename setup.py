@@ -15,6 +15,8 @@ import os
 from setuptools import setup
 
 # The per-request path: parsing, routing, relaying, HTTP/2 streams, the access log line.
+# A class that derives from a compiled class must be compiled too (interpreted classes cannot
+# inherit from compiled ones): keep subclasses of these modules' classes in this list.
 COMPILED = [
     "tdproxy/dataplane/lifecycle.py",
     "tdproxy/dataplane/http.py",
@@ -25,6 +27,9 @@ COMPILED = [
     "tdproxy/dataplane/client_io.py",
     "tdproxy/dataplane/relay.py",
     "tdproxy/dataplane/client.py",
+    "tdproxy/dataplane/forwarded.py",
+    "tdproxy/dataplane/redirect_listener.py",
+    "tdproxy/dataplane/proxy_protocol.py",
     "tdproxy/dataplane/h2_stream.py",
     "tdproxy/dataplane/h2_server.py",
     "tdproxy/routing/selection.py",

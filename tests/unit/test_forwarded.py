@@ -3,11 +3,13 @@ X-Forwarded-For, the fields a trusted peer's request gets, and the config's erro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tdproxy.config.loader import ConfigError, parse_config
+from tdproxy.dataplane.context import ProxyContext
 from tdproxy.dataplane.exchange import Exchange, PeerFields
 from tdproxy.dataplane.forwarded import (
     MAX_HOPS,
@@ -16,6 +18,7 @@ from tdproxy.dataplane.forwarded import (
     forwarded_https,
     parse_address,
 )
+from tests.fakes.sansio import Rig
 
 TRUSTED = TrustedProxies(["10.0.0.0/8", "192.0.2.10/32", "fd00::/8"])
 
@@ -89,23 +92,25 @@ def test_peer_fields_are_chosen_once_per_connection() -> None:
     assert type(plain) is PeerFields and not plain.trusted
 
 
-class _Ctx:
-    """What parse_head reads of the proxy context."""
+@pytest.fixture(autouse=True)
+def _context() -> Iterator[None]:
+    """A real proxy context for parse_head (the compiled build checks what it is handed)."""
+    global _CTX
+    rig = Rig()
+    _CTX = rig.ctx
+    yield
+    rig.close()
 
-    class router:
-        class table:
-            override_header = None
 
-    class settings:
-        max_body_bytes = None
+_CTX: ProxyContext | None = None
 
 
 def head(peer: PeerFields, headers: list[tuple[bytes, bytes]]) -> tuple[Exchange, list[bytes]]:
     exchange = Exchange()
     exchange.target = b"/"
     exchange.headers = [(name.lower(), name, value) for name, value in headers]
-    ctx: Any = _Ctx
-    assert exchange.parse_head(b"GET", "1.1", True, False, ctx, peer) == 0
+    assert _CTX is not None
+    assert exchange.parse_head(b"GET", "1.1", True, False, _CTX, peer) == 0
     lines = exchange.middle.split(b"\r\n")
     return exchange, [line for line in lines if line.lower().startswith((b"x-", b"host"))]
 
